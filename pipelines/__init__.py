@@ -1,0 +1,1 @@
+"""Ray Data jobs: annotation, evaluation and the end-to-end demo."""

@@ -1,0 +1,254 @@
+"""The text formats of every student role, and the parsers back.
+
+Training builds its examples here, and the server and the evaluation build their prompts and read
+model output here, so a format change can never split them (ARCHITECTURE.md "Student text formats").
+
+Markers (plain ASCII words, no special tokens, so any tokenizer handles them unchanged)::
+
+    Problem: <problem>                  first line of every prompt
+    Sub-questions:                      decomposer header
+    Steps:                              unified header
+    Solution:                           cot header
+    Q<k>: <sub-question>                k counts from 1
+    A<k>: <sub-answer>
+    Answer: <final answer>              last line of cot and answer targets
+
+Rules that make the formats tokenizer-safe and reversible:
+
+* Every prompt ends with a newline and every target starts with a marker, so the prompt/target
+  boundary is always at a line break. Byte-level BPE never merges a newline with the letter after
+  it, so tokenising prompt and target apart gives the same tokens as tokenising them together.
+  (A prompt ending in "A2: " would not: GPT-2 merges " 24" into one token.)
+* Problems, sub-questions and sub-answers are single lines: `clean` collapses every run of
+  whitespace (newlines included) into one space. A line break in the text therefore always means a
+  new marker, and `parse(build(x)) == clean(x)`.
+* A CoT solution keeps its line breaks (one step per line) but loses blank lines and line-edge
+  spaces; its final `Answer:` line is the last one, and the parser takes the last such line.
+* Sub-answers keep GSM8K calculator annotations (`48/2 = <<48/2=24>>24`): the student learns to
+  write them and the solving loop can recompute them (`socratic.calculator`).
+* The tokenizer's EOS is not part of these texts; the trainer appends it to every target.
+
+Builders reject empty text with `FormatError`: an empty sub-question is a data error, better
+caught when examples are built than learnt by a student. Parsers are lenient instead: model output
+is whatever the model wrote, so they take the well-formed prefix and ignore the rest.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from socratic.records import Step
+
+ROLES = ("decomposer", "solver", "unified", "cot", "answer")
+
+PROBLEM = "Problem:"
+DECOMPOSER_HEADER = "Sub-questions:"
+UNIFIED_HEADER = "Steps:"
+COT_HEADER = "Solution:"
+ANSWER = "Answer:"
+
+_Q_LINE = re.compile(r"^Q(\d+):\s?(.*)$")
+_A_LINE = re.compile(r"^A(\d+):\s?(.*)$")
+
+
+class FormatError(ValueError):
+    """Text that cannot be put into a student format (empty field, unknown role)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    """One training pair; the loss is on `target` only."""
+
+    prompt: str
+    target: str
+
+
+def clean(text: str) -> str:
+    """One line of text: every whitespace run becomes one space, ends stripped."""
+    return " ".join(str(text).split())
+
+
+def _field(text: str, what: str) -> str:
+    out = clean(text)
+    if not out:
+        raise FormatError(f"{what} is empty")
+    return out
+
+
+def _problem_line(problem: str) -> str:
+    return f"{PROBLEM} {_field(problem, 'problem')}\n"
+
+
+def _q(k: int, question: str) -> str:
+    return f"Q{k}: {_field(question, f'sub-question {k}')}"
+
+
+def _a(k: int, answer: str) -> str:
+    return f"A{k}: {_field(answer, f'sub-answer {k}')}"
+
+
+def _history(steps: Sequence[Step]) -> str:
+    return "".join(f"{_q(k, s.question)}\n{_a(k, s.answer)}\n" for k, s in enumerate(steps, 1))
+
+
+def _clean_solution(solution: str) -> str:
+    lines = [clean(line) for line in str(solution).splitlines()]
+    return "\n".join(line for line in lines if line)
+
+
+# --- prompts (what serving and evaluation send to a student) ---------------------------------
+
+
+def decomposer_prompt(problem: str) -> str:
+    return _problem_line(problem) + DECOMPOSER_HEADER + "\n"
+
+
+def solver_prompt(problem: str, history: Sequence[Step], question: str) -> str:
+    """Problem, the steps answered so far, and the sub-question to answer next."""
+    return _problem_line(problem) + _history(history) + _q(len(history) + 1, question) + "\n"
+
+
+def unified_prompt(problem: str) -> str:
+    return _problem_line(problem) + UNIFIED_HEADER + "\n"
+
+
+def cot_prompt(problem: str) -> str:
+    return _problem_line(problem) + COT_HEADER + "\n"
+
+
+def answer_prompt(problem: str) -> str:
+    return _problem_line(problem)
+
+
+# --- targets (what training teaches a student to write) --------------------------------------
+
+
+def decomposer_target(questions: Sequence[str]) -> str:
+    if not questions:
+        raise FormatError("a decomposition needs at least one sub-question")
+    return "\n".join(_q(k, q) for k, q in enumerate(questions, 1))
+
+
+def solver_target(k: int, answer: str) -> str:
+    return _a(k, answer)
+
+
+def unified_target(steps: Sequence[Step]) -> str:
+    if not steps:
+        raise FormatError("a unified target needs at least one step")
+    return _history(steps).rstrip("\n")
+
+
+def cot_target(solution: str, answer: str) -> str:
+    body = _clean_solution(solution)
+    final = f"{ANSWER} {_field(answer, 'final answer')}"
+    return f"{body}\n{final}" if body else final
+
+
+def answer_target(answer: str) -> str:
+    return f"{ANSWER} {_field(answer, 'final answer')}"
+
+
+def examples_for(
+    role: str,
+    *,
+    problem: str,
+    steps: Sequence[Step] = (),
+    solution: str | None = None,
+    answer: str | None = None,
+) -> list[Example]:
+    """All training examples one annotated problem gives a role.
+
+    The solver gets one example per sub-question, each with the problem and every earlier step
+    in its prompt, which is exactly what it will see inside the solving loop.
+    """
+    if role == "decomposer":
+        return [Example(decomposer_prompt(problem), decomposer_target([s.question for s in steps]))]
+    if role == "solver":
+        if not steps:
+            raise FormatError("solver examples need at least one step")
+        return [
+            Example(solver_prompt(problem, steps[:i], s.question), solver_target(i + 1, s.answer))
+            for i, s in enumerate(steps)
+        ]
+    if role == "unified":
+        return [Example(unified_prompt(problem), unified_target(steps))]
+    if role == "cot":
+        if solution is None:
+            raise FormatError("cot examples need a solution")
+        return [Example(cot_prompt(problem), cot_target(solution, _require(answer)))]
+    if role == "answer":
+        return [Example(answer_prompt(problem), answer_target(_require(answer)))]
+    raise FormatError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
+
+
+def _require(answer: str | None) -> str:
+    if answer is None:
+        raise FormatError("final answer is missing")
+    return answer
+
+
+# --- parsers (model output back into structure) ----------------------------------------------
+
+
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in str(text).splitlines() if line.strip()]
+
+
+def parse_decomposition(text: str) -> list[str]:
+    """Sub-questions from decomposer output: the leading run of `Qk:` lines.
+
+    Anything after the first line that is not a sub-question (a model that runs on into an
+    answer or a new problem) is ignored rather than read as more sub-questions.
+    """
+    out = []
+    for line in _lines(text):
+        m = _Q_LINE.match(line)
+        if not m:
+            break
+        if q := clean(m.group(2)):
+            out.append(q)
+    return out
+
+
+def parse_solver(text: str) -> str:
+    """The sub-answer from solver output: its first line, without an `Ak:` marker."""
+    lines = _lines(text)
+    if not lines:
+        return ""
+    m = _A_LINE.match(lines[0])
+    return clean(m.group(2) if m else lines[0])
+
+
+def parse_unified(text: str) -> list[Step]:
+    """Steps from unified output: the leading run of `Qk:` / `Ak:` line pairs."""
+    lines = _lines(text)
+    out = []
+    for i in range(0, len(lines) - 1, 2):
+        q, a = _Q_LINE.match(lines[i]), _A_LINE.match(lines[i + 1])
+        if not (q and a):
+            break
+        out.append(Step(clean(q.group(2)), clean(a.group(2))))
+    return out
+
+
+def parse_cot(text: str) -> tuple[str, str | None]:
+    """(solution, final answer) from cot output; the answer is the last `Answer:` line, if any."""
+    lines = _lines(text)
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith(ANSWER):
+            return "\n".join(lines[:i]), clean(lines[i][len(ANSWER) :]) or None
+    return "\n".join(lines), None
+
+
+def parse_answer(text: str) -> str | None:
+    """The final answer from answer-only output (first line, `Answer:` marker optional)."""
+    lines = _lines(text)
+    if not lines:
+        return None
+    first = lines[0]
+    if first.startswith(ANSWER):
+        first = first[len(ANSWER) :]
+    return clean(first) or None

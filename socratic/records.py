@@ -1,0 +1,197 @@
+"""The records every stage passes along: `Problem`, `Step`, and the annotation row's Arrow schema.
+
+They are defined once, here, so that the annotation pipeline, the trainers, the server and the
+evaluation read and write the same shapes (ARCHITECTURE.md, "Data contracts"). Records are frozen
+dataclasses: a problem is a fact about a dataset, and nothing downstream should edit it in place.
+
+One naming note: an annotation row carries two step lists. `steps` holds the decomposition that
+row is *about* (the teacher's, or the dataset's own in `--mode gold`), and `gold_steps` holds the
+dataset's human decomposition of the problem, kept beside it so that nothing the dataset offered is
+lost when a teacher's steps are written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+ACCEPTED = "accepted"
+REJECTED = "rejected"
+STATUSES = (ACCEPTED, REJECTED)
+
+YES_NO = ("yes", "no")
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One sub-question and its answer."""
+
+    question: str
+    answer: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"question": self.question, "answer": self.answer}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Step:
+        return cls(question=str(data["question"]), answer=str(data["answer"]))
+
+
+def steps_from(items: Iterable[Step | Mapping[str, Any]] | None) -> tuple[Step, ...]:
+    """Accept steps as records or as the dicts Parquet and JSON give back."""
+    if items is None:
+        return ()
+    return tuple(s if isinstance(s, Step) else Step.from_dict(s) for s in items)
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """A dataset problem with its gold answer, as every dataset adapter yields it.
+
+    `id` is stable across runs (`gsm8k/test/17`): resuming an annotation job and joining
+    predictions to gold both key on it. `answer` is the normalised gold answer text
+    (`socratic.answers.normalize_answer`), e.g. "1234.5" or "yes".
+    """
+
+    id: str
+    dataset: str
+    split: str
+    question: str
+    answer: str
+    solution: str | None = None
+    steps: tuple[Step, ...] = field(default=())
+
+    @property
+    def answer_kind(self) -> str:
+        """`yesno` for StrategyQA-style answers, `number` otherwise; picks the answer parser."""
+        return "yesno" if self.answer in YES_NO else "number"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "dataset": self.dataset,
+            "split": self.split,
+            "question": self.question,
+            "answer": self.answer,
+            "solution": self.solution,
+            "steps": [s.to_dict() for s in self.steps],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Problem:
+        return cls(
+            id=str(data["id"]),
+            dataset=str(data["dataset"]),
+            split=str(data["split"]),
+            question=str(data["question"]),
+            answer=str(data["answer"]),
+            solution=data.get("solution"),
+            steps=steps_from(data.get("steps")),
+        )
+
+
+STEP_TYPE = pa.struct([("question", pa.string()), ("answer", pa.string())])
+
+#: One row per (problem, teacher sample); ARCHITECTURE.md "Annotation row".
+ANNOTATION_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("question", pa.string(), nullable=False),
+        pa.field("answer", pa.string(), nullable=False),
+        pa.field("solution", pa.string()),
+        pa.field("gold_steps", pa.list_(STEP_TYPE), nullable=False),
+        pa.field("sample", pa.int32(), nullable=False),
+        pa.field("teacher", pa.string(), nullable=False),
+        pa.field("prompt_version", pa.string(), nullable=False),
+        pa.field("steps", pa.list_(STEP_TYPE), nullable=False),
+        pa.field("predicted", pa.string()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("reason", pa.string()),
+        pa.field("prompt_tokens", pa.int64(), nullable=False),
+        pa.field("completion_tokens", pa.int64(), nullable=False),
+        pa.field("raw", pa.string()),
+    ]
+)
+
+
+def annotation_row(
+    problem: Problem,
+    *,
+    sample: int,
+    teacher: str,
+    prompt_version: str,
+    steps: Iterable[Step],
+    predicted: str | None,
+    status: str,
+    reason: str | None = None,
+    prompt_tokens: int = 0,
+    completion_tokens: int = 0,
+    raw: str | None = None,
+) -> dict[str, Any]:
+    """Build one annotation row as a dict matching `ANNOTATION_SCHEMA`.
+
+    Checking status/reason here means a row that says "rejected" always says why, so a user
+    can count rejections by reason instead of guessing.
+    """
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+    if status == REJECTED and not reason:
+        raise ValueError(f"rejected row for {problem.id!r} needs a reason")
+    row = problem.to_dict()
+    row["gold_steps"] = row.pop("steps")
+    row.update(
+        sample=int(sample),
+        teacher=teacher,
+        prompt_version=prompt_version,
+        steps=[s.to_dict() for s in steps],
+        predicted=predicted,
+        status=status,
+        reason=reason,
+        prompt_tokens=int(prompt_tokens),
+        completion_tokens=int(completion_tokens),
+        raw=raw,
+    )
+    return row
+
+
+def annotation_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
+    """Rows -> a table with exactly `ANNOTATION_SCHEMA` (column order and types)."""
+    return pa.Table.from_pylist(list(rows), schema=ANNOTATION_SCHEMA)
+
+
+def check_annotation_schema(schema: pa.Schema, source: str) -> None:
+    """Raise a clear error when a Parquet file is not an annotation table.
+
+    Readers call this before training on a file so a wrong path or an old schema fails with the
+    file and the missing or mistyped columns named, not deep inside tokenisation.
+    """
+    problems = []
+    for expected in ANNOTATION_SCHEMA:
+        idx = schema.get_field_index(expected.name)
+        if idx < 0:
+            problems.append(f"missing column {expected.name!r}")
+        elif not schema.field(idx).type.equals(expected.type):
+            problems.append(
+                f"column {expected.name!r} has type {schema.field(idx).type}, "
+                f"expected {expected.type}"
+            )
+    if problems:
+        raise ValueError(f"{source}: not an annotation table: " + "; ".join(problems))
+
+
+def problem_from_row(row: Mapping[str, Any]) -> Problem:
+    """The Problem an annotation row was made from (its gold fields)."""
+    return Problem(
+        id=row["id"],
+        dataset=row["dataset"],
+        split=row["split"],
+        question=row["question"],
+        answer=row["answer"],
+        solution=row.get("solution"),
+        steps=steps_from(row.get("gold_steps")),
+    )
