@@ -4,6 +4,12 @@ They are defined once, here, so that the annotation pipeline, the trainers, the 
 evaluation read and write the same shapes (ARCHITECTURE.md, "Data contracts"). Records are frozen
 dataclasses: a problem is a fact about a dataset, and nothing downstream should edit it in place.
 
+Beyond the columns ARCHITECTURE.md lists, a row carries `style` (`socratic` or `cot`: which
+prompt family wrote it), `cache_key` (a hash of everything that shaped the teacher call: prompt
+text and version, model, sampling parameters, problem id, sample index; resume keys on it, so a
+changed prompt is never served a stale answer) and `attempts` (teacher calls made for the row, so
+retries are counted from what is in the Parquet).
+
 One naming note: an annotation row carries two step lists. `steps` holds the decomposition that
 row is *about* (the teacher's, or the dataset's own in `--mode gold`), and `gold_steps` holds the
 dataset's human decomposition of the problem, kept beside it so that nothing the dataset offered is
@@ -108,12 +114,15 @@ ANNOTATION_SCHEMA = pa.schema(
         pa.field("sample", pa.int32(), nullable=False),
         pa.field("teacher", pa.string(), nullable=False),
         pa.field("prompt_version", pa.string(), nullable=False),
+        pa.field("style", pa.string(), nullable=False),
+        pa.field("cache_key", pa.string(), nullable=False),
         pa.field("steps", pa.list_(STEP_TYPE), nullable=False),
         pa.field("predicted", pa.string()),
         pa.field("status", pa.string(), nullable=False),
         pa.field("reason", pa.string()),
         pa.field("prompt_tokens", pa.int64(), nullable=False),
         pa.field("completion_tokens", pa.int64(), nullable=False),
+        pa.field("attempts", pa.int32(), nullable=False),
         pa.field("raw", pa.string()),
     ]
 )
@@ -125,12 +134,15 @@ def annotation_row(
     sample: int,
     teacher: str,
     prompt_version: str,
+    style: str,
+    cache_key: str,
     steps: Iterable[Step],
     predicted: str | None,
     status: str,
     reason: str | None = None,
     prompt_tokens: int = 0,
     completion_tokens: int = 0,
+    attempts: int = 0,
     raw: str | None = None,
 ) -> dict[str, Any]:
     """Build one annotation row as a dict matching `ANNOTATION_SCHEMA`.
@@ -148,12 +160,15 @@ def annotation_row(
         sample=int(sample),
         teacher=teacher,
         prompt_version=prompt_version,
+        style=style,
+        cache_key=cache_key,
         steps=[s.to_dict() for s in steps],
         predicted=predicted,
         status=status,
         reason=reason,
         prompt_tokens=int(prompt_tokens),
         completion_tokens=int(completion_tokens),
+        attempts=int(attempts),
         raw=raw,
     )
     return row

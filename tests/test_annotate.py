@@ -1,0 +1,334 @@
+"""The annotation pipeline end to end: real Ray Data, real HTTP, the real `openai` client, real
+Parquet read back with pyarrow. The teacher is the local fault-injecting server."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.annotate import AnnotateConfig, output_fs, parquet_files, run
+from pipelines.teacher import FatalTeacherError
+from socratic.adapters import DatasetSpec, load_problems
+from socratic.records import ANNOTATION_SCHEMA
+from tests.support.paths import REPO, require_shared
+from tests.support.teacher_server import FaultPlan, TeacherServer
+
+SAMPLE = list(load_problems(DatasetSpec("sample", split="all")))
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture()
+def teacher():
+    with TeacherServer(SAMPLE) as server:
+        yield server
+
+
+def _cfg(tmp_path: Path, server: TeacherServer, **kw) -> AnnotateConfig:
+    base = dict(
+        dataset="sample",
+        split="all",
+        output=str(tmp_path / "out"),
+        base_url=server.base_url,
+        model="test-teacher",
+        retry_base=0.01,
+        timeout=5.0,
+        max_in_flight=8,
+    )
+    return AnnotateConfig(**{**base, **kw})
+
+
+def _rows(output: str) -> list[dict]:
+    fs, root = output_fs(output)
+    files = parquet_files(fs, root)
+    assert files, f"no parquet under {output}"
+    for f in files:
+        assert pq.read_schema(f).equals(ANNOTATION_SCHEMA)
+    return [r for f in files for r in pq.read_table(f).to_pylist()]
+
+
+def test_happy_path_writes_every_sample_accepted(ray_cluster, teacher, tmp_path) -> None:
+    cfg = _cfg(tmp_path, teacher, samples=2, temperature=0.7, price_in=1.0, price_out=2.0)
+    summary = run(cfg)
+    rows = _rows(cfg.output)
+    assert len(rows) == 80
+    assert Counter((r["id"], r["sample"]) for r in rows) == {
+        (p.id, s): 1 for p in SAMPLE for s in (0, 1)
+    }
+    assert all(r["status"] == "accepted" and r["reason"] is None for r in rows)
+    by_id = {p.id: p for p in SAMPLE}
+    for r in rows:
+        gold = by_id[r["id"]]
+        assert [tuple(s.values()) for s in r["steps"]] == [
+            (s.question, s.answer) for s in gold.steps
+        ]
+        assert r["predicted"] == gold.answer and r["attempts"] == 1
+        assert r["teacher"] == "test-teacher" and r["prompt_version"] == "socratic-math-v1"
+        assert r["prompt_tokens"] > 0 and r["completion_tokens"] > 0
+    assert teacher.stats()["requests"] == 80
+    on_disk = json.loads((Path(cfg.output) / "summary.json").read_text())
+    assert on_disk == summary
+    assert (summary["rows"], summary["accepted"], summary["rejected"]) == (80, 80, 0)
+    assert (summary["missing_rows"], summary["duplicate_rows"], summary["retries"]) == (0, 0, 0)
+    tokens = sum(r["prompt_tokens"] for r in rows), sum(r["completion_tokens"] for r in rows)
+    assert (summary["prompt_tokens"], summary["completion_tokens"]) == tokens
+    assert summary["cost_usd"] == pytest.approx((tokens[0] + 2 * tokens[1]) / 1e6)
+
+    # A rerun into the same output calls the teacher for nothing.
+    teacher.reset_stats()
+    again = run(cfg)
+    assert teacher.stats()["requests"] == 0
+    assert (again["rows"], again["resumed_rows"], again["written_this_run"]) == (80, 80, 0)
+
+
+def test_each_fault_ends_as_a_retry_or_a_rejected_row_with_its_reason(
+    ray_cluster, teacher, tmp_path
+) -> None:
+    p = [x.id for x in SAMPLE]
+    teacher.set_plan(
+        FaultPlan(
+            retry_after_s=0.05,
+            slow_s=3.0,
+            per_problem={
+                p[0]: ["429", "ok"],
+                p[1]: ["500", "503", "ok"],
+                p[2]: ["close", "ok"],
+                p[3]: ["wrong"],
+                p[4]: ["malformed"],
+                p[5]: ["empty"],
+                p[6]: ["400"],
+                p[7]: ["slow", "slow", "slow"],
+                p[8]: ["503"] * 3,
+            },
+        )
+    )
+    cfg = _cfg(tmp_path, teacher, limit=12, max_retries=2, timeout=1.0)
+    summary = run(cfg)
+    rows = {r["id"]: r for r in _rows(cfg.output)}
+    assert len(rows) == 12
+    expect = {
+        p[0]: ("accepted", None, 2),
+        p[1]: ("accepted", None, 3),
+        p[2]: ("accepted", None, 2),
+        p[3]: ("rejected", "wrong_answer", 1),
+        p[4]: ("rejected", "unparseable", 1),
+        p[5]: ("rejected", "empty_response", 1),
+        p[6]: ("rejected", "api_error: 400", 1),
+        p[7]: ("rejected", "api_error: timeout", 3),
+        p[8]: ("rejected", "api_error: 503", 3),
+    }
+    for pid, (status, reason, attempts) in expect.items():
+        r = rows[pid]
+        got_reason = r["reason"] if r["reason"] is None else ": ".join(r["reason"].split(": ")[:2])
+        assert (r["status"], got_reason, r["attempts"]) == (status, reason, attempts), pid
+    assert rows[p[3]]["predicted"] != SAMPLE[3].answer and rows[p[3]]["raw"]
+    assert summary["rejected_by_reason"] == {
+        "wrong_answer": 1,
+        "unparseable": 1,
+        "empty_response": 1,
+        "api_error: 400": 1,
+        "api_error: timeout": 1,
+        "api_error: 503": 1,
+    }
+    assert summary["retries"] == 1 + 2 + 1 + 2 + 2
+    assert summary["teacher_calls"] == teacher.stats()["requests"]
+
+    # Rerun: only the two transient failures are asked again; nothing ends up twice.
+    teacher.reset_stats()
+    teacher.set_plan(FaultPlan())
+    again = run(cfg)
+    assert teacher.stats()["by_problem"] == {p[7]: 1, p[8]: 1}
+    assert again["transient_rows_retried"] == 2
+    rows = _rows(cfg.output)
+    assert Counter(r["id"] for r in rows) == {x: 1 for x in p[:12]}
+    assert {r["id"]: r["status"] for r in rows}[p[8]] == "accepted"
+    assert again["rejected_by_reason"] == {
+        "wrong_answer": 1,
+        "unparseable": 1,
+        "empty_response": 1,
+        "api_error: 400": 1,
+    }
+
+
+def test_refused_key_stops_the_job_with_a_clear_message(ray_cluster, tmp_path) -> None:
+    with TeacherServer(SAMPLE, api_key="right-key") as server:
+        os.environ["WRONG_KEY_FOR_TEST"] = "wrong-key"
+        cfg = _cfg(tmp_path, server, api_key_env="WRONG_KEY_FOR_TEST", limit=4)
+        with pytest.raises(FatalTeacherError, match=r"refused the request \(401\)"):
+            run(cfg)
+        assert server.stats()["requests"] <= 4
+
+
+def test_cli_reports_a_missing_key_and_documents_every_flag() -> None:
+    out = subprocess.run(
+        [sys.executable, "pipelines/annotate.py", "--help"],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for flag in [
+        "--dataset",
+        "--output",
+        "--split",
+        "--limit",
+        "--model",
+        "--base-url",
+        "--api-key-env",
+        "--style",
+        "--samples",
+        "--temperature",
+        "--max-in-flight",
+        "--rpm",
+        "--tpm",
+        "--with-gold-solution",
+        "--mode",
+        "--price-in",
+        "--price-out",
+    ]:
+        assert flag in out, flag
+    env = {k: v for k, v in ENV.items() if k != "NO_SUCH_KEY"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "pipelines/annotate.py",
+            "--dataset",
+            "sample",
+            "--output",
+            "/tmp/unused",
+            "--api-key-env",
+            "NO_SUCH_KEY",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0 and "$NO_SUCH_KEY is not set" in proc.stderr
+
+
+def test_secret_never_reaches_parquet_summary_or_logs(ray_cluster, tmp_path, capfd) -> None:
+    secret = "sk-test-SECRET-7c1f"
+    with TeacherServer(SAMPLE, api_key=secret) as server:
+        os.environ["SOCRATIC_TEST_KEY"] = secret
+        cfg = _cfg(tmp_path, server, api_key_env="SOCRATIC_TEST_KEY", limit=5)
+        summary = run(cfg)
+        assert summary["accepted"] == 5
+        assert server.stats()["auth_headers_seen"] == {f"Bearer {secret}"}
+    for path in Path(cfg.output).rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+    out, err = capfd.readouterr()
+    assert secret not in out and secret not in err
+    logs = Path(ray_cluster.address_info["session_dir"]) / "logs"
+    for path in logs.rglob("*"):
+        if path.is_file() and path.stat().st_size < 50_000_000:
+            assert secret.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.shared_data
+def test_gold_mode_on_the_real_gsm8k_socratic_file(ray_cluster, tmp_path) -> None:
+    path = require_shared("gsm8k/test_socratic.jsonl")
+    cfg = AnnotateConfig(
+        dataset="gsm8k",
+        split="test",
+        path=str(path),
+        mode="gold",
+        output=str(tmp_path / "gold"),
+        max_in_flight=256,
+    )
+    summary = run(cfg)
+    rows = _rows(cfg.output)
+    assert len(rows) == summary["rows"] == 1319
+    assert all(r["teacher"] == "gold" and r["attempts"] == 0 and r["steps"] for r in rows)
+    assert summary["accepted"] == 1307  # the gold steps whose last step carries the #### answer
+    assert summary["rejected_by_reason"] == {"wrong_answer": 12}
+    print(
+        f"\ngold mode gsm8k/test: {summary['accepted']} accepted, {summary['rejected']} "
+        f"rejected, {summary['wall_s']} s"
+    )
+
+
+def test_killed_run_resumes_with_every_problem_once_and_no_repeated_calls(tmp_path) -> None:
+    """SIGKILL the job (its own local Ray cluster) mid-run, then rerun into the same output."""
+    with TeacherServer(SAMPLE, latency_s=0.25) as server:
+        out = tmp_path / "out"
+        args = [
+            sys.executable,
+            "pipelines/annotate.py",
+            "--dataset",
+            "sample",
+            "--split",
+            "all",
+            "--output",
+            str(out),
+            "--base-url",
+            server.base_url,
+            "--model",
+            "test-teacher",
+            "--max-in-flight",
+            "2",
+            "--address",
+            "local",
+        ]
+        proc = subprocess.Popen(
+            args,
+            cwd=REPO,
+            env=ENV,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not list(out.glob("*.parquet")):
+                assert proc.poll() is None, "annotate finished before it could be killed"
+                time.sleep(0.2)
+            time.sleep(0.5)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        assert list(out.glob("*.parquet")), "no file was written before the kill"
+        # The killed job's worker processes notice their raylet is gone within a few seconds;
+        # calls they still had in flight are theirs, not the rerun's: wait until they stop.
+        seen, quiet_since = -1, time.monotonic()
+        while time.monotonic() - quiet_since < 3:
+            if server.stats()["requests"] != seen:
+                seen, quiet_since = server.stats()["requests"], time.monotonic()
+            time.sleep(0.2)
+        calls_before = server.stats()["by_problem"]
+
+        server.reset_stats()
+        fs, root = output_fs(str(out))
+        answered = set()
+        for f in parquet_files(fs, root):
+            # A half-written file does not read back: its calls are redone, as they should be.
+            with contextlib.suppress(OSError, pa.ArrowInvalid):
+                answered |= {r["id"] for r in pq.read_table(f, columns=["id"]).to_pylist()}
+        assert 0 < len(answered) < 40, len(answered)
+        result = subprocess.run(args, cwd=REPO, env=ENV, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+        rerun_calls = server.stats()["by_problem"]
+
+    rows = _rows(str(out))
+    assert Counter(r["id"] for r in rows) == {p.id: 1 for p in SAMPLE}
+    assert not set(rerun_calls) & answered, "a problem already in the output was asked again"
+    assert set(rerun_calls) == {p.id for p in SAMPLE} - answered
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["rows"], summary["missing_rows"], summary["duplicate_rows"]) == (40, 0, 0)
+    assert all(n == 1 for n in rerun_calls.values()), rerun_calls
+    print(
+        f"\nkilled after {len(answered)} rows ({sum(calls_before.values())} calls); "
+        f"rerun made {sum(rerun_calls.values())} calls"
+    )
