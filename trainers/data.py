@@ -1,0 +1,370 @@
+"""Annotation Parquet -> one role's training examples -> token sequences -> padded batches.
+
+Everything a training worker needs before the model sees a tensor, kept free of Ray and DeepSpeed
+so it is tested on its own (and on the real datasets) in seconds. Texts come only from
+`socratic.formats.examples_for`: serving and evaluation build their prompts there too, so what a
+student is trained on is exactly what it is later asked.
+
+On a worker::
+
+    rows = read_accepted(paths)                      # accepted teacher rows only
+    examples, stats = build_examples(rows, role)     # rows that cannot format are counted
+    data = tokenize(examples, tokenizer, max_length) # loss only on target + EOS
+    for epoch in range(epochs):
+        order = batches(data.lengths, micro_batch_size, seed=seed, epoch=epoch)
+        for idx in shard(order, rank, world_size):
+            batch = collate([data[i] for i in idx], tokenizer.pad_token_id)
+
+Every rank computes the same `batches` (same seed and epoch) and takes its own `shard`, so no
+sampler state is shared between workers and a restarted worker group replays the same order.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+
+from socratic.formats import ROLES, Example, FormatError, examples_for, parse_cot
+from socratic.records import ACCEPTED, ANNOTATION_SCHEMA, check_annotation_schema, steps_from
+
+IGNORE_INDEX = -100  # the label torch's cross-entropy (and every HF causal LM) skips
+MEGA_BATCH_FACTOR = 50  # batches per length-sorted window, as in HF's LengthGroupedSampler
+
+# --- reading annotation Parquet -----------------------------------------------------------------
+
+
+def read_accepted(paths: str | Sequence[str]) -> list[dict[str, Any]]:
+    """The accepted rows of annotation Parquet, as dicts, in file order.
+
+    Each path is a Parquet file or a folder searched recursively for `*.parquet`, given locally
+    or as a pyarrow filesystem URI (`s3://...`, `gs://...`). Each path must contribute rows: an
+    empty folder or an all-rejected run is almost always a wrong path or a failed annotation job,
+    and training on the other paths alone would hide that. Errors name the path, and for an
+    all-rejected path say why the rows were rejected, so the fix is visible without opening
+    the Parquet.
+    """
+    if isinstance(paths, str):
+        paths = [paths]
+    if not paths:
+        raise ValueError("no annotation paths given")
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        rows.extend(_read_path(path))
+    return rows
+
+
+def _read_path(path: str) -> list[dict[str, Any]]:
+    if "://" in path:
+        fs, root = pafs.FileSystem.from_uri(path)
+        prefix = path.split("://", 1)[0] + "://"  # from_uri drops it; error messages put it back
+    else:
+        fs, root = pafs.LocalFileSystem(), str(Path(path).resolve())
+        prefix = ""
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"annotation data not found: {path}")
+    if info.type == pafs.FileType.File:
+        files = [root]
+    else:
+        selector = pafs.FileSelector(root, recursive=True)
+        files = sorted(
+            f.path
+            for f in fs.get_file_info(selector)
+            if f.type == pafs.FileType.File and f.path.endswith(".parquet")
+        )
+    tables = [_read_file(fs, f, prefix + f) for f in files]
+    total = sum(t.num_rows for t in tables)
+    if total == 0:
+        what = f"{len(files)} parquet file(s) with 0 rows" if files else "no *.parquet files"
+        raise ValueError(
+            f"{path}: no annotation rows ({what}); point --data at the output folder of "
+            "pipelines/annotate.py"
+        )
+    accepted = [t.filter(pc.equal(t.column("status"), ACCEPTED)) for t in tables]
+    rows = [r for t in accepted for r in t.to_pylist()]
+    if not rows:
+        reasons = Counter(_reason_group(r) for t in tables for r in t.column("reason").to_pylist())
+        listed = ", ".join(f"{k} {n}" for k, n in reasons.most_common())
+        raise ValueError(
+            f"{path}: none of the {total} rows is accepted (rejected: {listed}); "
+            "a student would learn nothing from it - check the teacher run's summary.json"
+        )
+    return rows
+
+
+def _read_file(fs: pafs.FileSystem, path: str, shown: str) -> pa.Table:
+    try:
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            check_annotation_schema(pf.schema_arrow, shown)
+            return pf.read(columns=ANNOTATION_SCHEMA.names)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(f"{shown}: not a readable Parquet file: {e}") from e
+
+
+def _reason_group(reason: str | None) -> str:
+    """`api_error: 429: Too many requests` -> `api_error: 429`, as the annotation summary counts."""
+    if not reason:
+        return "no reason"
+    parts = reason.split(": ")
+    return ": ".join(parts[:2]) if parts[0] == "api_error" else reason
+
+
+# --- rows -> examples -----------------------------------------------------------------------------
+
+
+@dataclass
+class BuildStats:
+    """What `build_examples` did with its rows; the training summary prints it."""
+
+    role: str
+    rows: int = 0
+    examples: int = 0
+    skipped: int = 0  # rows that gave no example (a FormatError)
+    skip_reasons: Counter[str] = field(default_factory=Counter)
+
+
+def build_examples(
+    rows: Iterable[Mapping[str, Any]], role: str
+) -> tuple[list[Example], BuildStats]:
+    """Every training example the rows give `role`, and how many rows could not be formatted.
+
+    Teacher samples of one problem are all kept (several decompositions of a problem is what
+    `--samples` pays for). A row that cannot be formatted - no steps for a step role, an empty
+    sub-question - is skipped and counted rather than raised: one bad teacher reply should not
+    stop a training run, but the count shows up in its summary. An unknown role is raised.
+    """
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
+    stats = BuildStats(role)
+    examples: list[Example] = []
+    for row in rows:
+        stats.rows += 1
+        try:
+            got = examples_for(role, **_format_args(row, role))
+        except FormatError as e:
+            stats.skipped += 1
+            stats.skip_reasons[str(e)] += 1
+            continue
+        examples.extend(got)
+    stats.examples = len(examples)
+    return examples, stats
+
+
+def _format_args(row: Mapping[str, Any], role: str) -> dict[str, Any]:
+    steps = steps_from(row.get("steps"))
+    args: dict[str, Any] = {"problem": row["question"], "steps": steps, "answer": row["answer"]}
+    if role == "cot":
+        args["solution"] = _cot_solution(row, steps)
+    return args
+
+
+def _cot_solution(row: Mapping[str, Any], steps: Sequence[Any]) -> str | None:
+    """The worked solution a cot student learns: the teacher's CoT text, else the step answers.
+
+    A Socratic row's sub-answers are its solution sentences (`48/2 = <<48/2=24>>24`), one per
+    line, so Socratic teacher runs also train the CoT baseline. None means there is nothing to
+    learn from and `examples_for` raises.
+    """
+    if row.get("style") == "cot":
+        solution, _ = parse_cot(row.get("raw") or "")
+        return solution or None
+    return "\n".join(s.answer for s in steps) or None
+
+
+# --- examples -> token sequences ------------------------------------------------------------------
+
+
+@dataclass
+class TokenizedSet:
+    """Token sequences of one role, with what tokenising cost (for the training summary).
+
+    `labels[i]` is `IGNORE_INDEX` on prompt tokens and equals `input_ids[i]` on target + EOS, so
+    the loss is on what the student must write and never on the problem it is given.
+    """
+
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    examples: int  # examples given; kept = examples - dropped
+    truncated: int  # kept, with tokens cut from the start of the prompt
+    dropped: int  # target too long to fit even with the shortest allowed prompt
+    tokens: int  # all tokens kept, prompt + target + EOS
+    target_tokens: int  # tokens carrying loss
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> tuple[list[int], list[int]]:
+        return self.input_ids[i], self.labels[i]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.input_ids]
+
+
+def tokenize(
+    examples: Sequence[Example], tokenizer: Any, max_length: int, *, min_prompt_tokens: int = 8
+) -> TokenizedSet:
+    """Token ids and loss labels of `examples`: prompt + target + EOS, at most `max_length`.
+
+    Prompt and target are encoded apart (no special tokens), which equals encoding them joined
+    because every prompt ends in a newline (see `socratic.formats`); apart, the boundary is known
+    exactly. A sequence that is too long loses tokens from the *start* of its prompt: the end
+    holds the question or sub-question being answered and the target must stay whole, since a
+    cut target teaches the student to stop mid-answer without EOS. If fewer than
+    `min_prompt_tokens` of prompt would remain (at least 1, so the first target token is
+    predicted from something), the example is dropped and counted.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token; every target must end with one")
+    if min_prompt_tokens < 1:
+        raise ValueError("min_prompt_tokens must be at least 1")
+    if max_length < min_prompt_tokens + 2:
+        raise ValueError(f"max_length {max_length} leaves no room for a prompt and a target")
+    prompts = _encode(tokenizer, [ex.prompt for ex in examples])
+    targets = _encode(tokenizer, [ex.target for ex in examples])
+    out = TokenizedSet([], [], len(examples), 0, 0, 0, 0)
+    for p, t in zip(prompts, targets, strict=True):
+        t = [*t, eos]
+        room = max_length - len(t)
+        if len(p) > room:
+            if room < min_prompt_tokens:
+                out.dropped += 1
+                continue
+            p = p[len(p) - room :]
+            out.truncated += 1
+        out.input_ids.append(p + t)
+        out.labels.append([IGNORE_INDEX] * len(p) + t)
+        out.tokens += len(p) + len(t)
+        out.target_tokens += len(t)
+    return out
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+# --- batching ------------------------------------------------------------------------------------
+
+
+def batches(
+    lengths: Sequence[int],
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    group_by_length: bool = True,
+) -> list[list[int]]:
+    """One epoch's batches, as lists of indices into the set.
+
+    Grouping (the idea of HF's `LengthGroupedSampler`): shuffle, sort by length inside windows
+    of `batch_size * 50`, cut each window into batches, shuffle the batches. Examples in a batch
+    then have similar lengths, so little compute goes to padding, while which examples meet and
+    in what order still change every epoch. The order depends only on (seed, epoch), so every
+    rank can compute it alone. The last, smaller batch is kept: no example is skipped.
+
+    A window holds the same examples as the corresponding 50 batches of the ungrouped order (same
+    shuffle), and each window is cut optimally, so grouping never pads more than not grouping
+    with the same seed and epoch.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    rng = random.Random(seed + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if not group_by_length:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    window = batch_size * MEGA_BATCH_FACTOR
+    out = [
+        b
+        for start in range(0, len(order), window)
+        for b in _cut_by_length(order[start : start + window], lengths, batch_size)
+    ]
+    rng.shuffle(out)
+    return out
+
+
+def _cut_by_length(window: list[int], lengths: Sequence[int], size: int) -> list[list[int]]:
+    """Batches of `window` with the fewest padded tokens: sorted, then cut into runs.
+
+    With equal batch sizes cutting the sorted list in order is optimal. The one short batch
+    (last window only) goes where it pads least: beside the longest examples when they are rare
+    (its few rows pay for the longest length), further down otherwise - a fixed place loses to
+    plain shuffling on some small sets. At most 51 places are tried.
+    """
+    w = sorted(window, key=lambda i: -lengths[i])
+    full, short = divmod(len(w), size)
+    if not short:
+        return [w[i : i + size] for i in range(0, len(w), size)]
+
+    def padded(j: int) -> int:  # tokens with the short batch after j full batches
+        cut = j * size + short
+        head = sum(lengths[w[i]] for i in range(0, j * size, size))
+        tail = sum(lengths[w[i]] for i in range(cut, len(w), size))
+        return size * (head + tail) + short * lengths[w[j * size]]
+
+    j = min(range(full + 1), key=padded)
+    cut = j * size + short
+    before = [w[i : i + size] for i in range(0, j * size, size)]
+    after = [w[i : i + size] for i in range(cut, len(w), size)]
+    return [*before, w[j * size : cut], *after]
+
+
+def padding_fraction(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
+    """Share of pad tokens when each batch is right-padded to its longest sequence."""
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches if b)
+    real = sum(lengths[i] for b in batches for i in b)
+    return (padded - real) / padded if padded else 0.0
+
+
+def shard(batches: Sequence[list[int]], rank: int, world_size: int) -> list[list[int]]:
+    """This rank's batches; every rank gets the same number.
+
+    Each step all-reduces gradients across ranks, so a rank with one batch more would wait
+    forever for the others. The batches are therefore cut to a multiple of `world_size` (at most
+    `world_size - 1` batches, different ones each epoch since the order is reshuffled) and dealt
+    out round-robin. With fewer batches than ranks (a tiny data set on a big cluster) batches are
+    repeated instead, so every rank still has exactly one; those examples then count twice.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of {world_size}")
+    n = len(batches)
+    if n == 0:
+        return []
+    if n < world_size:
+        return [list(batches[rank % n])]
+    return [list(b) for b in batches[: n - n % world_size][rank::world_size]]
+
+
+def collate(
+    seqs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_token_id: int
+) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids`, `attention_mask` and `labels` (-100 on padding) of one batch."""
+    if not seqs:
+        raise ValueError("cannot collate an empty batch")
+    if pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; set one (e.g. to EOS) before training")
+    width = max(len(ids) for ids, _ in seqs)
+    input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, (ids, labs) in enumerate(seqs):
+        if len(ids) != len(labs):
+            raise ValueError(f"sequence {row}: {len(ids)} input ids but {len(labs)} labels")
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        labels[row, : len(labs)] = torch.tensor(labs, dtype=torch.long)
+        mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
