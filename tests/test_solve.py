@@ -1,0 +1,116 @@
+"""The solving loop, driven three ways (sync, async, lockstep batches) over the same generator."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from socratic.formats import decomposer_prompt, solver_prompt
+from socratic.records import Step
+from socratic.solve import Solved, fallback_question, solve, solve_async, solve_many
+
+PROBLEM = "Ann has 3 bags of 4 apples and buys 2 more. How many apples does she have?"
+
+
+class Scripted:
+    """A stand-in student: answers from a table keyed by the prompt, and records every call."""
+
+    def __init__(self, table: dict[str, str]) -> None:
+        self.table, self.calls = table, []
+
+    def __call__(self, prompts: list[str]) -> list[str]:
+        self.calls.append(list(prompts))
+        return [self.table[p] for p in prompts]
+
+
+def _models(problem: str = PROBLEM, wrong: bool = True) -> tuple[Scripted, Scripted]:
+    s1 = Step("How many apples are in the bags?", "3*4 = <<3*4=12>>12")
+    dec = Scripted({decomposer_prompt(problem): f"Q1: {s1.question}\nQ2: How many in all?\nQ3"})
+    sol = Scripted({
+        solver_prompt(problem, [], s1.question): "A1: 3*4 = <<3*4=13>>13" if wrong else "A1: 12",
+        solver_prompt(problem, [s1], "How many in all?"): "A2: 12+2 = <<12+2=14>>14 apples\nQ3",
+        solver_prompt(problem, [Step(s1.question, "3*4 = <<3*4=13>>13")], "How many in all?"):
+            "A2: 13+2 = <<13+2=15>>15 apples",
+    })  # fmt: skip
+    return dec, sol
+
+
+def test_solver_is_called_once_per_sub_question_with_the_growing_history() -> None:
+    dec, sol = _models()
+    result = solve(PROBLEM, dec, sol)
+    assert result.answer == "14"
+    assert [s.answer for s in result.steps] == ["3*4 = <<3*4=12>>12", "12+2 = <<12+2=14>>14 apples"]
+    assert len(dec.calls) == 1 and len(sol.calls) == 2
+    assert sol.calls[1][0].count("\nA1: 3*4 = <<3*4=12>>12\n") == 1  # corrected history
+    assert set(result.timings) == {"decompose_s", "step1_s", "step2_s", "total_s"}
+    assert result.to_dict()["steps"][0] == {
+        "question": "How many apples are in the bags?",
+        "answer": "3*4 = <<3*4=12>>12",
+    }
+
+
+def test_calculator_off_keeps_the_students_arithmetic() -> None:
+    dec, sol = _models()
+    assert solve(PROBLEM, dec, sol, calculator=False).answer == "15"
+
+
+def test_max_steps_and_fallback() -> None:
+    dec, sol = _models()
+    assert len(solve(PROBLEM, dec, sol, max_steps=1).steps) == 1
+    assert fallback_question(PROBLEM) == "How many apples does she have?"
+    dec = Scripted({decomposer_prompt(PROBLEM): "I am not sure."})
+    sol = Scripted({solver_prompt(PROBLEM, [], "How many apples does she have?"): "A1: 14"})
+    result = solve(PROBLEM, dec, sol)
+    assert result.fallback and result.answer == "14"
+    with pytest.raises(ValueError, match="max_steps"):
+        solve(PROBLEM, dec, sol, max_steps=0)
+
+
+def test_async_driver_streams_each_final_step_in_order() -> None:
+    dec, sol = _models()
+    seen: list[Solved] = []
+
+    async def a_dec(p: str) -> str:
+        return dec([p])[0]
+
+    async def a_sol(p: str) -> str:
+        return sol([p])[0]
+
+    async def on_step(event: Solved) -> None:
+        seen.append(event)
+
+    result = asyncio.run(solve_async(PROBLEM, a_dec, a_sol, on_step=on_step))
+    assert [e.k for e in seen] == [1, 2]
+    assert [e.step for e in seen] == result.steps and result.answer == "14"
+
+
+def test_lockstep_batches_give_the_same_answers_with_one_batch_per_round() -> None:
+    other = "Bo has 10 pens. How many pens does Bo have?"
+    dec, sol = _models()
+    dec.table[decomposer_prompt(other)] = "Q1: How many pens?"
+    sol.table[solver_prompt(other, [], "How many pens?")] = "A1: 10"
+    results = solve_many([PROBLEM, other, PROBLEM], dec, sol)
+    assert [r.answer for r in results] == ["14", "10", "14"]
+    assert [len(c) for c in dec.calls] == [3]
+    assert [len(c) for c in sol.calls] == [3, 2]  # round 1: everyone; round 2: two problems left
+
+
+def test_loop_runs_with_a_real_hf_model(tiny_model_dir) -> None:
+    """An untrained tiny model writes nonsense; the loop must still end with a Solution."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+
+    def generate(prompts: list[str]) -> list[str]:
+        batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=12, do_sample=False)
+        return tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    results = solve_many([PROBLEM, "Is it? How many?"], generate, generate, max_steps=3)
+    assert len(results) == 2
+    assert all(1 <= len(r.steps) <= 3 for r in results)
