@@ -1,0 +1,263 @@
+"""Ray Serve: the decomposer and the solver as two autoscaled deployments behind one ingress.
+
+    serve run serve/config.yaml                       # or: serve deploy serve/config.yaml
+    python serve/app.py --decomposer DIR --solver DIR # local, binds 127.0.0.1:8000
+
+`StudentModel` serves one exported student (a plain HF dir) and batches concurrent `generate`
+calls with `@serve.batch` into one left-padded `model.generate`; `Decomposer` and `Solver` are
+two deployments of it, each with its own replicas, autoscaling and resources, because the solver
+is called once per sub-question and so takes several times the decomposer's load. `Ingress`
+holds no model: it runs `socratic.solve.solving_loop` through the two handles and scales on its
+own. It bounds problem size and steps, answers bad input with a 4xx that says what is wrong, and
+sheds load with 503 (`max_ongoing_requests`/`max_queued_requests`) instead of queueing without end.
+"""
+
+
+# No `from __future__ import annotations` here: FastAPI must see the real `Request` class on
+# the ingress methods, not a string it cannot resolve inside Serve's wrapped class.
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python serve/app.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from socratic.solve import DEFAULT_MAX_STEPS, Solved, solve_async
+
+MAX_PROBLEM_CHARS = 2000
+MAX_STEPS_LIMIT = 16
+
+
+@serve.deployment(max_ongoing_requests=32)
+class StudentModel:
+    """One student model; concurrent `generate` calls become one batched forward pass."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        max_new_tokens: int = 128,
+        max_batch_size: int = 8,
+        batch_wait_timeout_s: float = 0.01,
+        do_sample: bool = False,
+        num_threads: int | None = None,
+    ) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        self.max_new_tokens = max_new_tokens
+        self.do_sample = do_sample
+        self.generate.set_max_batch_size(max_batch_size)
+        self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.calls = 0
+        self.batch_sizes: list[int] = []
+
+    def _generate(self, prompts: list[str]) -> list[str]:
+        import torch
+
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            out = self.model.generate(
+                **batch,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=self.do_sample,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        new = out[:, batch["input_ids"].shape[1] :]
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def generate(self, prompts: list[str]) -> list[str]:
+        self.calls += len(prompts)
+        self.batch_sizes.append(len(prompts))
+        # generate() holds the GIL only between torch ops; a thread keeps the replica's event
+        # loop free to collect the next batch meanwhile.
+        return await asyncio.to_thread(self._generate, prompts)
+
+    def stats(self) -> dict[str, Any]:
+        """Calls and batch sizes seen by this replica (tests and the load benchmark read it)."""
+        return {
+            "calls": self.calls,
+            "batches": len(self.batch_sizes),
+            "batch_sizes": list(self.batch_sizes),
+        }
+
+    def reset_stats(self) -> None:
+        self.calls, self.batch_sizes = 0, []
+
+
+api = FastAPI(
+    title="socratic-distill",
+    description="Solve a problem with a Socratic decomposer and subproblem solver.",
+)
+
+
+@serve.deployment(max_ongoing_requests=64, max_queued_requests=128)
+@serve.ingress(api)
+class Ingress:
+    """The solving loop over HTTP; holds no model."""
+
+    def __init__(
+        self,
+        decomposer: DeploymentHandle,
+        solver: DeploymentHandle,
+        calculator: bool = True,
+        max_problem_chars: int = MAX_PROBLEM_CHARS,
+        default_max_steps: int = DEFAULT_MAX_STEPS,
+    ) -> None:
+        self.decomposer, self.solver = decomposer, solver
+        self.calculator = calculator
+        self.max_problem_chars = max_problem_chars
+        self.default_max_steps = default_max_steps
+
+    async def _decompose(self, prompt: str) -> str:
+        return await self.decomposer.generate.remote(prompt)
+
+    async def _solve_step(self, prompt: str) -> str:
+        return await self.solver.generate.remote(prompt)
+
+    def _parse(self, body: Any) -> tuple[str, int, bool]:
+        if not isinstance(body, dict):
+            raise HTTPException(422, 'body must be a JSON object like {"problem": "..."}')
+        unknown = set(body) - {"problem", "max_steps", "stream"}
+        if unknown:
+            raise HTTPException(422, f"unknown fields: {', '.join(sorted(unknown))}")
+        problem = body.get("problem")
+        if not isinstance(problem, str):
+            raise HTTPException(422, "'problem' is required and must be a string")
+        if not problem.strip():
+            raise HTTPException(422, "'problem' is empty")
+        if len(problem) > self.max_problem_chars:
+            raise HTTPException(
+                413,
+                f"'problem' has {len(problem)} characters; the limit is {self.max_problem_chars}",
+            )
+        max_steps = body.get("max_steps", self.default_max_steps)
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int):
+            raise HTTPException(422, "'max_steps' must be an integer")
+        if not 1 <= max_steps <= MAX_STEPS_LIMIT:
+            raise HTTPException(422, f"'max_steps' must be between 1 and {MAX_STEPS_LIMIT}")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise HTTPException(422, "'stream' must be true or false")
+        return problem, max_steps, stream
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.post("/solve")
+    async def solve(self, request: Request):  # noqa: ANN201 - JSON or an SSE stream
+        """`{"problem": str, "max_steps"?: int, "stream"?: bool}` -> answer, steps, timings;
+        with `"stream": true`, server-sent events: one `step` per solved step, then `done`."""
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise HTTPException(400, "body is not valid JSON") from None
+        problem, max_steps, stream = self._parse(body)
+        kw = {"max_steps": max_steps, "calculator": self.calculator}
+        if not stream:
+            t0 = time.perf_counter()
+            sol = await solve_async(problem, self._decompose, self._solve_step, **kw)
+            out = sol.to_dict()
+            out["timings"]["request_s"] = round(time.perf_counter() - t0, 4)
+            return JSONResponse(out)
+        return StreamingResponse(self._events(problem, kw), media_type="text/event-stream")
+
+    async def _events(self, problem: str, kw: dict[str, Any]) -> AsyncIterator[str]:
+        queue: asyncio.Queue[Solved | None] = asyncio.Queue()
+
+        async def on_step(event: Solved) -> None:
+            await queue.put(event)
+
+        task = asyncio.create_task(
+            solve_async(problem, self._decompose, self._solve_step, on_step=on_step, **kw)
+        )
+        task.add_done_callback(lambda _: queue.put_nowait(None))
+        while (event := await queue.get()) is not None:
+            payload = {"k": event.k, **event.step.to_dict()}
+            yield f"event: step\ndata: {json.dumps(payload)}\n\n"
+        try:
+            sol = task.result()
+        except Exception as e:  # noqa: BLE001 - the stream must end with a reason, not a hang
+            yield f"event: error\ndata: {json.dumps({'error': str(e)})}\n\n"
+            return
+        yield f"event: done\ndata: {json.dumps(sol.to_dict())}\n\n"
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Application builder for `serve run serve/config.yaml` and for `python serve/app.py`.
+
+    args: decomposer, solver (model dirs); optional max_new_tokens, max_batch_size,
+    batch_wait_timeout_s, calculator, num_threads.
+    """
+    model_kw = {
+        k: args[k]
+        for k in ("max_new_tokens", "max_batch_size", "batch_wait_timeout_s", "num_threads")
+        if k in args
+    }
+    decomposer = StudentModel.options(name="Decomposer").bind(args["decomposer"], **model_kw)
+    solver = StudentModel.options(name="Solver").bind(args["solver"], **model_kw)
+    return Ingress.bind(decomposer, solver, calculator=args.get("calculator", True))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import ray
+
+    p = argparse.ArgumentParser(description="Serve a decomposer + solver pair locally.")
+    p.add_argument("--decomposer", required=True, help="exported decomposer dir")
+    p.add_argument("--solver", required=True, help="exported solver dir")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--request-timeout-s", type=float, default=120.0)
+    p.add_argument("--no-calculator", action="store_true", help="keep the students' arithmetic")
+    a = p.parse_args(argv)
+    ray.init(configure_logging=False)
+    serve.start(
+        http_options={"host": a.host, "port": a.port, "request_timeout_s": a.request_timeout_s}
+    )
+    serve.run(
+        build_app(
+            {
+                "decomposer": a.decomposer,
+                "solver": a.solver,
+                "max_new_tokens": a.max_new_tokens,
+                "max_batch_size": a.max_batch_size,
+                "calculator": not a.no_calculator,
+            }
+        ),
+        name="socratic",
+        route_prefix="/",
+    )
+    print(f"serving on http://{a.host}:{a.port}/solve  (docs: /docs); Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    from serve.app import main as _main
+
+    sys.exit(_main())

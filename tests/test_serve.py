@@ -1,0 +1,142 @@
+"""Ray Serve end to end: real deployments of the tiny student, real HTTP on loopback."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.support.paths import REPO
+
+PROBLEM = "Ann has 3 bags of 4 apples and buys 2 more. How many apples does she have?"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, tiny_model_dir: Path):
+    from ray import serve
+
+    from serve.app import build_app
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
+    app = build_app(
+        {
+            "decomposer": str(tiny_model_dir),
+            "solver": str(tiny_model_dir),
+            "max_new_tokens": 24,
+            "num_threads": 1,
+        }
+    )
+    serve.run(app, name="socratic", route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+def _post(url: str, body: bytes | str | dict, timeout: float = 120) -> tuple[int, bytes]:
+    data = (
+        body
+        if isinstance(body, bytes)
+        else (body.encode() if isinstance(body, str) else json.dumps(body).encode())
+    )
+    req = urllib.request.Request(
+        f"{url}/solve", data=data, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _solver_calls() -> int:
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Solver", app_name="socratic")
+    return handle.stats.remote().result()["calls"]
+
+
+def test_solve_reply_shape_and_one_solver_call_per_step(served: str) -> None:
+    before = _solver_calls()
+    status, raw = _post(served, {"problem": PROBLEM, "max_steps": 3})
+    assert status == 200, raw
+    out = json.loads(raw)
+    assert set(out) == {"answer", "steps", "timings"}
+    assert 1 <= len(out["steps"]) <= 3
+    assert all(set(s) == {"question", "answer"} for s in out["steps"])
+    assert {"decompose_s", "total_s", "request_s"} <= set(out["timings"])
+    assert _solver_calls() - before == len(out["steps"])
+
+
+def test_stream_sends_one_event_per_step_then_done(served: str) -> None:
+    status, raw = _post(served, {"problem": PROBLEM, "max_steps": 2, "stream": True})
+    assert status == 200
+    events = [block for block in raw.decode().split("\n\n") if block.strip()]
+    kinds = [e.splitlines()[0] for e in events]
+    done = json.loads(events[-1].splitlines()[1][len("data: ") :])
+    assert kinds[-1] == "event: done"
+    assert kinds[:-1] == ["event: step"] * len(done["steps"])
+    steps = [json.loads(e.splitlines()[1][len("data: ") :]) for e in events[:-1]]
+    assert [s["k"] for s in steps] == list(range(1, len(done["steps"]) + 1))
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        ({"problem": ""}, 422, "empty"),
+        ({"problem": "   "}, 422, "empty"),
+        ({}, 422, "required"),
+        ({"problem": 5}, 422, "must be a string"),
+        ({"problem": "x" * 5000}, 413, "limit is 2000"),
+        ({"problem": PROBLEM, "max_steps": "3"}, 422, "integer"),
+        ({"problem": PROBLEM, "max_steps": 0}, 422, "between 1 and"),
+        ({"problem": PROBLEM, "stream": "yes"}, 422, "true or false"),
+        ({"problem": PROBLEM, "prblem": 1}, 422, "unknown fields: prblem"),
+        ([1, 2], 422, "JSON object"),
+    ],
+)
+def test_bad_input_gets_a_clear_4xx(served: str, body, status: int, message: str) -> None:
+    got, raw = _post(served, body)
+    assert got == status, raw
+    assert message in json.loads(raw)["detail"]
+
+
+def test_health_and_openapi(served: str) -> None:
+    with urllib.request.urlopen(f"{served}/healthz", timeout=30) as r:
+        assert json.load(r) == {"status": "ok"}
+    with urllib.request.urlopen(f"{served}/openapi.json", timeout=30) as r:
+        assert "/solve" in json.load(r)["paths"]
+
+
+def test_deployments_are_separate_and_running(served: str) -> None:
+    from ray import serve
+
+    app = serve.status().applications["socratic"]
+    assert {"Decomposer", "Solver", "Ingress"} <= set(app.deployments)
+    assert all(d.status == "HEALTHY" for d in app.deployments.values())
+
+
+def test_client_prints_the_trace(served: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "serve/client.py", PROBLEM, "--url", served, "--max-steps", "2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("Q1: ") and "answer: " in out.stdout
