@@ -12,7 +12,6 @@ own. It bounds problem size and steps, answers bad input with a 4xx that says wh
 sheds load with 503 (`max_ongoing_requests`/`max_queued_requests`) instead of queueing without end.
 """
 
-
 # No `from __future__ import annotations` here: FastAPI must see the real `Request` class on
 # the ingress methods, not a string it cannot resolve inside Serve's wrapped class.
 import argparse
@@ -38,7 +37,7 @@ MAX_PROBLEM_CHARS = 2000
 MAX_STEPS_LIMIT = 16
 
 
-@serve.deployment(max_ongoing_requests=32)
+@serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 1})
 class StudentModel:
     """One student model; concurrent `generate` calls become one batched forward pass."""
 
@@ -108,7 +107,9 @@ api = FastAPI(
 )
 
 
-@serve.deployment(max_ongoing_requests=64, max_queued_requests=128)
+@serve.deployment(
+    max_ongoing_requests=64, max_queued_requests=128, ray_actor_options={"num_cpus": 0.1}
+)
 @serve.ingress(api)
 class Ingress:
     """The solving loop over HTTP; holds no model."""
@@ -206,16 +207,25 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     """Application builder for `serve run serve/config.yaml` and for `python serve/app.py`.
 
     args: decomposer, solver (model dirs); optional max_new_tokens, max_batch_size,
-    batch_wait_timeout_s, calculator, num_threads.
+    batch_wait_timeout_s, num_threads, calculator; and `decomposer_options`,
+    `solver_options`, `ingress_options`: Serve deployment options (autoscaling_config,
+    num_replicas, max_ongoing_requests, ray_actor_options, ...) for code that builds the app
+    in Python. The YAML config sets the same per deployment under `deployments:`.
     """
     model_kw = {
         k: args[k]
         for k in ("max_new_tokens", "max_batch_size", "batch_wait_timeout_s", "num_threads")
         if k in args
     }
-    decomposer = StudentModel.options(name="Decomposer").bind(args["decomposer"], **model_kw)
-    solver = StudentModel.options(name="Solver").bind(args["solver"], **model_kw)
-    return Ingress.bind(decomposer, solver, calculator=args.get("calculator", True))
+    decomposer = StudentModel.options(name="Decomposer", **args.get("decomposer_options", {})).bind(
+        args["decomposer"], **model_kw
+    )
+    solver = StudentModel.options(name="Solver", **args.get("solver_options", {})).bind(
+        args["solver"], **model_kw
+    )
+    return Ingress.options(**args.get("ingress_options", {})).bind(
+        decomposer, solver, calculator=args.get("calculator", True)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

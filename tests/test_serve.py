@@ -14,6 +14,8 @@ import pytest
 
 from tests.support.paths import REPO
 
+# Every replica of every app in this module must fit in the test cluster's 4 logical CPUs.
+SMALL = {"ray_actor_options": {"num_cpus": 0.25}}
 PROBLEM = "Ann has 3 bags of 4 apples and buys 2 more. How many apples does she have?"
 
 
@@ -37,6 +39,8 @@ def served(ray_cluster, tiny_model_dir: Path):
             "solver": str(tiny_model_dir),
             "max_new_tokens": 24,
             "num_threads": 1,
+            "decomposer_options": SMALL,
+            "solver_options": SMALL,
         }
     )
     serve.run(app, name="socratic", route_prefix="/")
@@ -140,3 +144,94 @@ def test_client_prints_the_trace(served: str) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("Q1: ") and "answer: " in out.stdout
+
+
+def _replicas(app_name: str, deployment: str) -> int:
+    from ray import serve
+
+    d = serve.status().applications[app_name].deployments[deployment]
+    return int(d.replica_states.get("RUNNING", 0))
+
+
+def test_each_deployment_scales_on_its_own_config(served: str, tiny_model_dir: Path) -> None:
+    """Under the same load the solver (1 -> 2 replicas allowed) scales out while the
+    decomposer (held at 1) does not: two deployments, two autoscaling configs."""
+    import concurrent.futures
+    import time
+
+    from ray import serve
+
+    from serve.app import build_app
+
+    fast_up = {
+        "upscale_delay_s": 0.5,
+        "downscale_delay_s": 600,
+        "metrics_interval_s": 0.5,
+        "look_back_period_s": 1.0,
+    }
+    app = build_app({
+        "decomposer": str(tiny_model_dir), "solver": str(tiny_model_dir),
+        "max_new_tokens": 48, "max_batch_size": 1, "num_threads": 1,
+        "decomposer_options": {**SMALL, "autoscaling_config": {
+            "min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 1, **fast_up}},
+        "solver_options": {
+            "autoscaling_config": {
+                "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, **fast_up},
+            "ray_actor_options": {"num_cpus": 0.25}},
+    })  # fmt: skip
+    serve.run(app, name="scaling", route_prefix="/scaling")
+    try:
+        url = served + "/scaling"
+        deadline = time.monotonic() + 90
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            while _replicas("scaling", "Solver") < 2 and time.monotonic() < deadline:
+                list(
+                    pool.map(lambda _: _post(url, {"problem": PROBLEM, "max_steps": 4}), range(16))
+                )
+        assert _replicas("scaling", "Solver") == 2
+        assert _replicas("scaling", "Decomposer") == 1
+    finally:
+        serve.delete("scaling")
+
+
+def test_killed_solver_replica_is_replaced_and_requests_keep_succeeding(served: str) -> None:
+    import ray
+
+    def solver_replicas() -> list[str]:
+        return [
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if "socratic#Solver" in a["name"]
+        ]
+
+    (name,) = solver_replicas()
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    for _ in range(3):
+        status, raw = _post(served, {"problem": PROBLEM, "max_steps": 1})
+        assert status == 200, raw
+    (new_name,) = solver_replicas()
+    assert new_name != name
+
+
+def test_overload_answers_503_instead_of_queueing_for_ever(served: str, tiny_model_dir) -> None:
+    import concurrent.futures
+
+    from ray import serve
+
+    from serve.app import build_app
+
+    app = build_app({
+        "decomposer": str(tiny_model_dir), "solver": str(tiny_model_dir), "max_new_tokens": 64,
+        "num_threads": 1, "decomposer_options": SMALL, "solver_options": SMALL,
+        "ingress_options": {"max_ongoing_requests": 1, "max_queued_requests": 1},
+    })  # fmt: skip
+    serve.run(app, name="tight", route_prefix="/tight")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            codes = list(pool.map(
+                lambda _: _post(served + "/tight", {"problem": PROBLEM, "max_steps": 3})[0],
+                range(12)))  # fmt: skip
+        assert set(codes) <= {200, 503}, codes
+        assert codes.count(503) >= 1 and codes.count(200) >= 1, codes
+    finally:
+        serve.delete("tight")
