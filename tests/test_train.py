@@ -16,12 +16,12 @@ import threading
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from socratic.adapters import DatasetSpec, load_problems
 from socratic.formats import examples_for
-from socratic.records import ACCEPTED, REJECTED, annotation_row, annotation_table
+from socratic.records import ACCEPTED, REJECTED
+from tests.support.annotations import write_gold_annotations
 from trainers.config import TrainConfig
 from trainers.train import main, run
 
@@ -29,24 +29,7 @@ SAMPLE = list(load_problems(DatasetSpec("sample", split="train")))
 
 
 def _write_rows(path: Path, status: str = ACCEPTED) -> Path:
-    rows = [
-        annotation_row(
-            p,
-            sample=0,
-            teacher="gold",
-            prompt_version="gold",
-            style="socratic",
-            cache_key=p.id,
-            steps=p.steps,
-            predicted=p.answer,
-            status=status,
-            reason=None if status == ACCEPTED else "wrong_answer",
-        )
-        for p in SAMPLE
-    ]
-    path.mkdir(parents=True, exist_ok=True)
-    pq.write_table(annotation_table(rows), path / "part-0.parquet")
-    return path
+    return write_gold_annotations(SAMPLE, path, status)
 
 
 @pytest.fixture(scope="module")
