@@ -225,7 +225,9 @@ def work_items(cfg: AnnotateConfig, problems: Iterable[Problem]) -> tuple[list[d
                     sample=sample,
                 )
             else:
-                prompt = prompts.setdefault(p.answer_kind, cfg.prompt_for(p.answer_kind))
+                if p.answer_kind not in prompts:  # parse each prompt file once, not per row
+                    prompts[p.answer_kind] = cfg.prompt_for(p.answer_kind)
+                prompt = prompts[p.answer_kind]
                 key = cache_key(
                     model=cfg.model,
                     messages=prompt.messages(p, cfg.with_gold_solution),
@@ -298,7 +300,9 @@ class TeacherAnnotator:
 
     async def _one(self, item: dict[str, Any]) -> dict[str, Any]:
         p = problem_from_row(item)
-        prompt = self.prompts.setdefault(p.answer_kind, self.cfg.prompt_for(p.answer_kind))
+        if p.answer_kind not in self.prompts:  # parse each prompt file once, not per row
+            self.prompts[p.answer_kind] = self.cfg.prompt_for(p.answer_kind)
+        prompt = self.prompts[p.answer_kind]
         result = await self.client.complete(prompt.messages(p, self.cfg.with_gold_solution))
         common = dict(
             sample=item["sample"],
@@ -404,7 +408,11 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
                 fn_constructor_kwargs={"cfg": cfg, "api_key": api_key},
                 batch_format="pyarrow",
                 batch_size=batch_size,
-                compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+                # Several batches at once per actor: the client's semaphore (max_in_flight)
+                # stays full between batches instead of draining in waves.
+                compute=ray.data.ActorPoolStrategy(
+                    size=cfg.actors, max_concurrent_calls_per_actor=4
+                ),
                 num_cpus=cfg.actor_cpus,
             )
         target = cfg.output if "://" in cfg.output else root
