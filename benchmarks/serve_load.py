@@ -24,7 +24,7 @@ What it does, in one process and one local Ray cluster (started once):
    client-side latency per request.
 4. Single client (batching on, after its load run): `--single-requests` problems, each sent
    once through Serve and once through the same loop in-process (`socratic.solve.solve` with a
-   local generate that runs `StudentModel._generate` itself on the same model dir, same
+   local `socratic.generate.Generator` - the replica's own model code - on the same model dir, same
    `max_new_tokens`, same torch threads), interleaved so both see the same background load.
    Greedy decoding and a batch of one on both sides, so the answers must match; it says if not.
 
@@ -98,27 +98,16 @@ def build_model(out_dir: Path, n_layer: int, n_embd: int, n_head: int, seed: int
 
 
 class LocalStudent:
-    """The replica's model code without Serve: `StudentModel._generate` itself, in this process."""
+    """The replica's model code without Serve: the same `socratic.generate.Generator`, here."""
 
     def __init__(self, model_dir: Path, max_new_tokens: int, num_threads: int) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from socratic.generate import Generator
 
-        from serve.app import StudentModel
-
-        torch.set_num_threads(num_threads)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-        self.max_new_tokens = max_new_tokens
-        self.do_sample = False
-        self._generate_fn = StudentModel.func_or_class._generate
-        self.params = sum(p.numel() for p in self.model.parameters())
+        self.gen = Generator(model_dir, max_new_tokens=max_new_tokens, num_threads=num_threads)
+        self.params = sum(p.numel() for p in self.gen.model.parameters())
 
     def __call__(self, prompts: list[str]) -> list[str]:
-        return self._generate_fn(self, prompts)
+        return self.gen(prompts)
 
 
 # --- serving -----------------------------------------------------------------------------------

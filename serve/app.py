@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from socratic.generate import Generator
 from socratic.solve import DEFAULT_MAX_STEPS, Solved, solve_async
 
 MAX_PROBLEM_CHARS = 2000
@@ -47,39 +48,13 @@ class StudentModel:
         max_new_tokens: int = 128,
         max_batch_size: int = 8,
         batch_wait_timeout_s: float = 0.01,
-        do_sample: bool = False,
         num_threads: int | None = None,
     ) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-        self.max_new_tokens = max_new_tokens
-        self.do_sample = do_sample
+        self.model = Generator(model_dir, max_new_tokens=max_new_tokens, num_threads=num_threads)
         self.generate.set_max_batch_size(max_batch_size)
         self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.calls = 0
         self.batch_sizes: list[int] = []
-
-    def _generate(self, prompts: list[str]) -> list[str]:
-        import torch
-
-        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
-            out = self.model.generate(
-                **batch,
-                max_new_tokens=self.max_new_tokens,
-                do_sample=self.do_sample,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
-        new = out[:, batch["input_ids"].shape[1] :]
-        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def generate(self, prompts: list[str]) -> list[str]:
@@ -87,7 +62,7 @@ class StudentModel:
         self.batch_sizes.append(len(prompts))
         # generate() holds the GIL only between torch ops; a thread keeps the replica's event
         # loop free to collect the next batch meanwhile.
-        return await asyncio.to_thread(self._generate, prompts)
+        return await asyncio.to_thread(self.model, prompts)
 
     def stats(self) -> dict[str, Any]:
         """Calls and batch sizes seen by this replica (tests and the load benchmark read it)."""

@@ -32,14 +32,18 @@ from socratic.formats import (
     parse_solver,
     solver_prompt,
 )
+from socratic.generate import Completion
 from socratic.records import Step
 
 DECOMPOSER = "decomposer"
 SOLVER = "solver"
 DEFAULT_MAX_STEPS = 8
 
-Generate = Callable[[list[str]], list[str]]
-AsyncGenerate = Callable[[str], Awaitable[str]]
+# A model is any callable from prompts to texts. It may return `Completion`s instead (text plus
+# token counts): then every Solution also says how many tokens its problem cost.
+Reply = str | Completion
+Generate = Callable[[list[str]], list[str] | list[Completion]]
+AsyncGenerate = Callable[[str], Awaitable[Reply]]
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,7 @@ class Solution:
     timings: dict[str, float] = field(default_factory=dict)
     calculator_errors: list[str] = field(default_factory=list)
     fallback: bool = False  # the decomposer gave no sub-question; the problem's own was used
+    tokens: int = 0  # generated tokens over every call, when the models return Completions
 
     def to_dict(self) -> dict:
         return {
@@ -96,16 +101,25 @@ def solving_loop(
     max_steps: int = DEFAULT_MAX_STEPS,
     calculator: bool = True,
     answer_kind: str = "number",
-) -> Generator[Event, str | None, Solution]:
+) -> Generator[Event, Reply | None, Solution]:
     """The loop as a generator of events: `Ask` (send back the model's text) and `Solved`
     (send None); it returns the Solution. Each Ask is timed until its text comes back."""
     if max_steps < 1:
         raise ValueError("max_steps must be at least 1")
     timings: dict[str, float] = {}
+    tokens = 0
+
+    def text_of(reply: Reply | None) -> str:
+        nonlocal tokens
+        if isinstance(reply, Completion):
+            tokens += reply.completion_tokens
+            return reply.text
+        return reply or ""
+
     t = time.perf_counter()
-    text = yield Ask(DECOMPOSER, decomposer_prompt(problem))
+    text = text_of((yield Ask(DECOMPOSER, decomposer_prompt(problem))))
     timings["decompose_s"] = time.perf_counter() - t
-    questions = parse_decomposition(text or "")[:max_steps]
+    questions = parse_decomposition(text)[:max_steps]
     fallback = not questions
     if fallback:
         questions = [fallback_question(problem)]
@@ -113,9 +127,9 @@ def solving_loop(
     errors: list[str] = []
     for k, q in enumerate(questions, 1):
         t = time.perf_counter()
-        raw = yield Ask(SOLVER, solver_prompt(problem, steps, q))
+        raw = text_of((yield Ask(SOLVER, solver_prompt(problem, steps, q))))
         timings[f"step{k}_s"] = time.perf_counter() - t
-        answer = parse_solver(raw or "") or "(no answer)"
+        answer = parse_solver(raw) or "(no answer)"
         if calculator:
             result = apply_calculator(answer)
             answer, errors = result.text, errors + result.errors
@@ -123,14 +137,14 @@ def solving_loop(
         yield Solved(k, steps[-1])
     final = extract_answer(steps[-1].answer, answer_kind)
     timings["total_s"] = sum(timings.values())
-    return Solution(problem, final, steps, questions, timings, errors, fallback)
+    return Solution(problem, final, steps, questions, timings, errors, fallback, tokens)
 
 
 def solve(problem: str, decompose: Generate, solve_step: Generate, **kw) -> Solution:
     """Run the loop with synchronous batch generate functions (one prompt per call here)."""
     gen = solving_loop(problem, **kw)
     models = {DECOMPOSER: decompose, SOLVER: solve_step}
-    reply: str | None = None
+    reply: Reply | None = None
     try:
         while True:
             event = gen.send(reply)
@@ -149,7 +163,7 @@ async def solve_async(
     """Run the loop with async single-prompt generate calls; `on_step` hears each final step."""
     gen = solving_loop(problem, **kw)
     models = {DECOMPOSER: decompose, SOLVER: solve_step}
-    reply: str | None = None
+    reply: Reply | None = None
     try:
         while True:
             event = gen.send(reply)
@@ -171,7 +185,7 @@ def solve_many(
     results: list[Solution | None] = [None] * len(problems)
     pending: dict[int, Ask] = {}
 
-    def advance(i: int, reply: str | None) -> None:
+    def advance(i: int, reply: Reply | None) -> None:
         """Send `reply` and skip Solved events until problem i asks again or finishes."""
         try:
             event = gens[i].send(reply)
