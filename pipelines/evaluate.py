@@ -1,0 +1,432 @@
+"""Evaluate trained students on a test split with Ray Data batch inference: an accuracy table.
+
+    python pipelines/evaluate.py --dataset gsm8k --split test --models outputs/students \\
+        --methods iterative,unified,cot,answer --calculator both --output outputs/eval/gsm8k
+    ray job submit --working-dir . -- python pipelines/evaluate.py ...
+
+Methods, as in the paper's results table:
+- `iterative`: the Socratic pair. The decomposer writes the sub-questions, the solver answers them
+  one by one. It runs `socratic.solve.solve_many`, the same loop the Serve ingress runs, so the
+  served and the evaluated system cannot differ. Each actor advances a whole batch in lockstep,
+  so every model call is one batched `generate`.
+- `unified`: one model writes q1 a1 q2 a2 ...; the answer is read from the last step.
+- `cot`: one model writes the step-by-step solution and an `Answer:` line.
+- `answer`: one model writes the final answer only.
+
+Calculator: the iterative loop can recompute each `<<expr=...>>` span before later steps see it,
+so `--calculator on|off|both` reports it with and without (`both` runs the loop twice).
+One-pass methods write their whole text in one go. A calculator could only patch that text after
+the fact, not the reasoning built on it, so they are scored as written and their calculator
+column says `n/a`.
+
+Output: `<output>/predictions/<method>/*.parquet`, one row per problem and setting (id, gold,
+predicted, steps, correct, tokens generated, ...); `summary.json` and `results.md` hold the
+accuracy per method and dataset. Both are computed from the Parquet read back, not from what
+the actors returned. A rerun replaces the predictions of the methods it evaluates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import posixpath
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python pipelines/evaluate.py`, as `ray job submit` runs it
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipelines.annotate import output_fs, parquet_files
+from socratic.adapters import DATASETS, DatasetSpec, load_problems
+from socratic.answers import answers_match, extract_answer
+from socratic.config import option, parse_config
+from socratic.formats import (
+    answer_prompt,
+    cot_prompt,
+    parse_answer,
+    parse_cot,
+    parse_unified,
+    unified_prompt,
+)
+from socratic.generate import Generator
+from socratic.records import STEP_TYPE
+from socratic.solve import DEFAULT_MAX_STEPS, solve_many
+
+log = logging.getLogger("evaluate")
+
+METHODS = ("iterative", "unified", "cot", "answer")
+# The student roles (trained model dirs under --models) each method needs.
+METHOD_ROLES = {
+    "iterative": ("decomposer", "solver"),
+    "unified": ("unified",),
+    "cot": ("cot",),
+    "answer": ("answer",),
+}
+ONE_PASS_PROMPT = {"unified": unified_prompt, "cot": cot_prompt, "answer": answer_prompt}
+CALCULATOR_SETTINGS = {"on": (True,), "off": (False,), "both": (True, False)}
+
+PREDICTION_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("dataset", pa.string()),
+        ("split", pa.string()),
+        ("method", pa.string()),
+        ("calculator", pa.bool_()),  # null: a one-pass method, scored as written
+        ("question", pa.string()),
+        ("gold", pa.string()),
+        ("predicted", pa.string()),
+        ("correct", pa.bool_()),
+        ("steps", pa.list_(STEP_TYPE)),
+        ("text", pa.string()),  # one-pass methods: the model's text; iterative: null
+        ("tokens", pa.int64()),  # tokens generated for this problem, over every model call
+        ("fallback", pa.bool_()),  # iterative: the decomposer produced no sub-question
+        ("calculator_errors", pa.int64()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Evaluate trained students on a test split: per-problem Parquet and an accuracy table."""
+
+    dataset: str = option(help="dataset family", choices=DATASETS)
+    split: str = option("test", help="split to evaluate")
+    path: str | None = option(None, help="local dataset file instead of the hub")
+    dataset_config: str | None = option(None, help="GSM8K config: main or socratic")
+    hub_id: str | None = option(None, help="hub dataset id, overriding the dataset's default")
+    limit: int | None = option(None, help="evaluate only the first N problems")
+    seed: int = option(0, help="seed for seeded dataset splits (SVAMP)")
+    methods: str = option("iterative", help=f"comma-separated, of: {', '.join(METHODS)}")
+    models: str = option(
+        "outputs/students", help="folder of exported students, one dir per role (train.py --output)"
+    )
+    decomposer: str | None = option(None, help="decomposer dir (default: MODELS/decomposer)")
+    solver: str | None = option(None, help="solver dir (default: MODELS/solver)")
+    unified: str | None = option(None, help="unified student dir (default: MODELS/unified)")
+    cot: str | None = option(None, help="chain-of-thought student dir (default: MODELS/cot)")
+    answer: str | None = option(None, help="answer-only student dir (default: MODELS/answer)")
+    calculator: str = option(
+        "on", help="iterative: recompute <<expr>> spans", choices=tuple(CALCULATOR_SETTINGS)
+    )
+    max_steps: int = option(DEFAULT_MAX_STEPS, help="iterative: most sub-questions per problem")
+    max_new_tokens: int = option(128, help="tokens generated per model call")
+    batch_size: int = option(16, help="problems per actor batch (one generate call per step)")
+    actors: int = option(1, help="model-holding actors in the pool")
+    actor_cpus: float = option(1.0, help="CPUs per actor; leave one for read/write tasks")
+    num_threads: int | None = option(None, help="torch threads per actor (default: torch's)")
+    output: str = option("outputs/eval", help="output folder: local path or a pyarrow URI")
+    address: str | None = option(None, help="Ray address (default: RAY_ADDRESS or a local cluster)")
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.method_list if m not in METHODS]
+        if unknown or not self.method_list:
+            raise ValueError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+        if self.batch_size < 1 or self.actors < 1 or self.max_steps < 1:
+            raise ValueError("--batch-size, --actors and --max-steps must be at least 1")
+
+    @property
+    def method_list(self) -> list[str]:
+        return [m.strip() for m in self.methods.split(",") if m.strip()]
+
+    def model_dir(self, role: str) -> str:
+        return getattr(self, role) or str(Path(self.models) / role)
+
+
+def check_models(cfg: EvaluateConfig) -> dict[str, str]:
+    """Every model dir the methods need, checked before any actor starts (names what is wrong)."""
+    dirs, missing = {}, []
+    for method in cfg.method_list:
+        for role in METHOD_ROLES[method]:
+            d = cfg.model_dir(role)
+            if "://" not in d and not (Path(d) / "config.json").is_file():
+                missing.append(f"{role}: {d}")
+            dirs[role] = d
+    if missing:
+        raise FileNotFoundError(
+            "no exported student (config.json) at " + "; ".join(missing) + ". Train it with "
+            "`python trainers/train.py --roles ...` or point --models / --<role> at its dir."
+        )
+    return dirs
+
+
+class Evaluator:
+    """A Ray Data actor holding one method's model(s); turns a batch of problems into
+    prediction rows. The models load once per actor, not once per batch."""
+
+    def __init__(
+        self,
+        method: str,
+        dirs: dict[str, str],
+        calculators: Sequence[bool],
+        max_steps: int,
+        max_new_tokens: int,
+        num_threads: int | None,
+    ) -> None:
+        self.method, self.calculators, self.max_steps = method, calculators, max_steps
+        kw = {"max_new_tokens": max_new_tokens, "num_threads": num_threads}
+        self.models = {role: Generator(dirs[role], **kw) for role in METHOD_ROLES[method]}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        problems = batch.to_pylist()
+        rows = self._iterative(problems) if self.method == "iterative" else self._one_pass(problems)
+        return pa.Table.from_pylist(rows, schema=PREDICTION_SCHEMA)
+
+    def _row(self, p: dict[str, Any], predicted: str | None, **fields: Any) -> dict[str, Any]:
+        return {
+            "id": p["id"],
+            "dataset": p["dataset"],
+            "split": p["split"],
+            "method": self.method,
+            "question": p["question"],
+            "gold": p["answer"],
+            "predicted": predicted,
+            "correct": answers_match(predicted, p["answer"]),
+            "calculator": None,
+            "text": None,
+            "fallback": False,
+            "calculator_errors": 0,
+            **fields,
+        }
+
+    def _iterative(self, problems: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        dec, sol = self.models["decomposer"].complete, self.models["solver"].complete
+        by_kind: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for p in problems:
+            by_kind[p["answer_kind"]].append(p)
+        rows = []
+        for calculator in self.calculators:
+            for kind, group in by_kind.items():
+                questions = [p["question"] for p in group]
+                kw = {"max_steps": self.max_steps, "calculator": calculator, "answer_kind": kind}
+                for p, s in zip(group, solve_many(questions, dec, sol, **kw), strict=True):
+                    rows.append(
+                        self._row(
+                            p,
+                            s.answer,
+                            calculator=calculator,
+                            steps=[x.to_dict() for x in s.steps],
+                            tokens=s.tokens,
+                            fallback=s.fallback,
+                            calculator_errors=len(s.calculator_errors),
+                        )
+                    )
+        return rows
+
+    def _one_pass(self, problems: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        prompt = ONE_PASS_PROMPT[self.method]
+        outs = self.models[self.method].complete([prompt(p["question"]) for p in problems])
+        rows = []
+        for p, out in zip(problems, outs, strict=True):
+            predicted, steps = read_one_pass(self.method, out.text, p["answer_kind"])
+            rows.append(
+                self._row(p, predicted, steps=steps, text=out.text, tokens=out.completion_tokens)
+            )
+        return rows
+
+
+def read_one_pass(method: str, text: str, kind: str) -> tuple[str | None, list[dict[str, str]]]:
+    """(predicted answer, steps) from a one-pass student's text. A text that breaks the format
+    still gets its answer extracted from the whole text: the table scores answers, and format
+    adherence is visible in the `steps` column."""
+    if method == "unified":
+        steps = parse_unified(text)
+        source = steps[-1].answer if steps else text
+        return extract_answer(source, kind), [s.to_dict() for s in steps]
+    if method == "cot":
+        solution, answer = parse_cot(text)
+        return extract_answer(answer if answer else solution, kind), []
+    answer = parse_answer(text)
+    return (extract_answer(answer, kind) if answer else None), []
+
+
+def problem_items(cfg: EvaluateConfig) -> list[dict[str, Any]]:
+    spec = DatasetSpec(
+        cfg.dataset,
+        split=cfg.split,
+        path=cfg.path,
+        config=cfg.dataset_config,
+        hub_id=cfg.hub_id,
+        seed=cfg.seed,
+        limit=cfg.limit,
+    )
+    return [
+        {
+            "id": p.id,
+            "dataset": p.dataset,
+            "split": p.split,
+            "question": p.question,
+            "answer": p.answer,
+            "answer_kind": p.answer_kind,
+        }
+        for p in load_problems(spec)
+    ]
+
+
+def run(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Evaluate every method; returns the summary (also in `<output>/summary.json`)."""
+    import ray
+
+    t0 = time.perf_counter()
+    dirs = check_models(cfg)
+    items = problem_items(cfg)
+    if not items:
+        raise ValueError(f"{cfg.dataset}/{cfg.split}: no problems to evaluate")
+    fs, root = output_fs(cfg.output)
+    if not ray.is_initialized():
+        ray.init(address=cfg.address, configure_logging=False)
+    log.info("%d problems of %s/%s; methods %s", len(items), cfg.dataset, cfg.split, cfg.methods)
+    for method in cfg.method_list:
+        t = time.perf_counter()
+        target = posixpath.join(root, "predictions", method)
+        if fs.get_file_info(target).type != pafs.FileType.NotFound:
+            fs.delete_dir(target)  # a rerun replaces this method's predictions, never mixes them
+        calculators = CALCULATOR_SETTINGS[cfg.calculator] if method == "iterative" else (None,)
+        blocks = max(1, math.ceil(len(items) / cfg.batch_size))
+        ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+            Evaluator,
+            fn_constructor_kwargs={
+                "method": method,
+                "dirs": {r: dirs[r] for r in METHOD_ROLES[method]},
+                "calculators": calculators,
+                "max_steps": cfg.max_steps,
+                "max_new_tokens": cfg.max_new_tokens,
+                "num_threads": cfg.num_threads,
+            },
+            batch_format="pyarrow",
+            batch_size=cfg.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+            num_cpus=cfg.actor_cpus,
+        )
+        ds.write_parquet(
+            posixpath.join(cfg.output, "predictions", method) if "://" in cfg.output else target,
+            schema=PREDICTION_SCHEMA,
+        )
+        log.info("%s: done in %.1f s", method, time.perf_counter() - t)
+    summary = summarize(cfg, fs, root, len(items), time.perf_counter() - t0)
+    with fs.open_output_stream(posixpath.join(root, "summary.json")) as f:
+        f.write(json.dumps(summary, indent=2).encode())
+    with fs.open_output_stream(posixpath.join(root, "results.md")) as f:
+        f.write(results_markdown(summary).encode())
+    return summary
+
+
+def read_predictions(fs: pafs.FileSystem, root: str, method: str) -> pa.Table:
+    files = parquet_files(fs, posixpath.join(root, "predictions", method))
+    tables = [pq.read_table(f, filesystem=fs, schema=PREDICTION_SCHEMA) for f in files]
+    return pa.concat_tables(tables) if tables else PREDICTION_SCHEMA.empty_table()
+
+
+def summarize(
+    cfg: EvaluateConfig, fs: pafs.FileSystem, root: str, n_problems: int, wall_s: float
+) -> dict[str, Any]:
+    """Accuracy per (method, calculator) from the Parquet, with what is missing or doubled."""
+    results = []
+    for method in cfg.method_list:
+        rows = read_predictions(fs, root, method).to_pylist()
+        settings: dict[bool | None, list[dict[str, Any]]] = defaultdict(list)
+        for r in rows:
+            settings[r["calculator"]].append(r)
+        for calculator, group in sorted(settings.items(), key=lambda kv: str(kv[0])):
+            ids = {r["id"] for r in group}
+            correct = sum(r["correct"] for r in group)
+            results.append(
+                {
+                    "method": method,
+                    "calculator": calculator,
+                    "dataset": cfg.dataset,
+                    "split": cfg.split,
+                    "problems": len(group),
+                    "missing": n_problems - len(ids),
+                    "duplicates": len(group) - len(ids),
+                    "correct": correct,
+                    "accuracy": round(100 * correct / len(group), 2) if group else None,
+                    "tokens": sum(r["tokens"] for r in group),
+                    "tokens_per_problem": round(sum(r["tokens"] for r in group) / len(group), 1)
+                    if group
+                    else None,
+                    "fallbacks": sum(r["fallback"] for r in group),
+                }
+            )
+    return {
+        "dataset": cfg.dataset,
+        "split": cfg.split,
+        "problems": n_problems,
+        "models": {r: cfg.model_dir(r) for m in cfg.method_list for r in METHOD_ROLES[m]},
+        "results": results,
+        "output": cfg.output,
+        "wall_s": round(wall_s, 2),
+    }
+
+
+METHOD_LABELS = {
+    "answer": "Answer only",
+    "cot": "Chain of thought",
+    "unified": "Socratic, unified student",
+    "iterative": "Socratic, decomposer + solver",
+}
+
+
+def results_markdown(summary: dict[str, Any]) -> str:
+    """The paper's table shape: a row per method (and calculator setting), a column per dataset."""
+    datasets = sorted({r["dataset"] for r in summary["results"]})
+    head = "| method | calculator | " + " | ".join(datasets) + " |"
+    lines = [head, "|---|---|" + "---|" * len(datasets)]
+    for r in summary["results"]:
+        calc = "n/a" if r["calculator"] is None else ("on" if r["calculator"] else "off")
+        cells = [
+            f"{r['accuracy']:.1f} ({r['correct']}/{r['problems']})" if r["dataset"] == d else ""
+            for d in datasets
+        ]
+        lines.append(f"| {METHOD_LABELS[r['method']]} | {calc} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Accuracy in % on {summary['split']}; models: " + ", ".join(
+        f"{role} {d}" for role, d in summary["models"].items()
+    ))  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    lines = [f"evaluated {s['problems']} problems of {s['dataset']}/{s['split']} -> {s['output']}"]
+    for r in s["results"]:
+        calc = (
+            "" if r["calculator"] is None else f" (calculator {'on' if r['calculator'] else 'off'})"
+        )
+        gaps = f", {r['missing']} missing" if r["missing"] else ""
+        gaps += f", {r['duplicates']} duplicated" if r["duplicates"] else ""
+        lines.append(
+            f"  {r['method']}{calc}: {r['accuracy']} % ({r['correct']}/{r['problems']}{gaps}), "
+            f"{r['tokens_per_problem']} tokens/problem"
+        )
+    lines.append(f"  wall {s['wall_s']} s")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = parse_config(EvaluateConfig, argv)
+    log.info("config: %s", json.dumps(asdict(cfg), default=str))
+    try:
+        summary = run(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    print(results_markdown(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    # Through the importable module, so Ray ships `pipelines.evaluate.Evaluator` by reference.
+    from pipelines.evaluate import main as _main
+
+    sys.exit(_main())
