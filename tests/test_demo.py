@@ -1,0 +1,89 @@
+"""The demo path end to end, sized for CI: `python pipelines/demo.py` as a user runs it.
+
+Every stage is the real one - its own local Ray cluster, annotation over HTTP through the real
+`openai` client, Ray Train + DeepSpeed ZeRO-2 on 2 workers, export, Ray Serve answering HTTP,
+Ray Data evaluation - with the tiny student and the local OpenAI-protocol test server as the
+teacher (some of its answers made wrong, so rejected rows must show up and be kept).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from socratic.adapters import DatasetSpec, load_problems
+from tests.support.paths import REPO
+from tests.support.teacher_server import FaultPlan, TeacherServer
+
+TRAIN = list(load_problems(DatasetSpec("sample", split="train")))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    wrong = {TRAIN[0].id: ["wrong"], TRAIN[1].id: ["malformed"]}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    env.pop("OPENAI_API_KEY", None)
+    env.pop("RAY_ADDRESS", None)
+    with TeacherServer(TRAIN) as teacher:
+        teacher.set_plan(FaultPlan(per_problem=wrong))
+        proc = subprocess.run(
+            [sys.executable, "pipelines/demo.py", "--output", str(out),
+             "--base-url", teacher.base_url, "--teacher-model", "test-teacher",
+             "--student-base", str(tiny_model_dir), "--limit", "6", "--eval-limit", "3",
+             "--train-steps", "2", "--workers", "2", "--max-length", "256",
+             "--max-new-tokens", "12", "--port", str(_free_port())],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        calls = teacher.stats()["requests"]
+    log = proc.stdout[-6000:] + proc.stderr[-6000:]
+    assert proc.returncode == 0, log
+    assert calls == 6
+
+    result = json.loads((out / "demo.json").read_text())
+    assert list(result["times_s"]) == ["cluster", "teacher", "annotate", "train", "serve",
+                                       "evaluate"]  # fmt: skip
+    # Annotation: the teacher's 6 rows with 2 rejected and kept, and the gold rows beside them.
+    teacher_rows = [r for f in (out / "annotations" / "teacher").glob("*.parquet")
+                    for r in pq.read_table(f).to_pylist()]  # fmt: skip
+    assert len(teacher_rows) == 6
+    assert sorted(r["reason"] for r in teacher_rows if r["status"] == "rejected") == [
+        "unparseable",
+        "wrong_answer",
+    ]
+    assert result["annotations"]["gold"]["accepted"] == 6
+    assert "4 accepted teacher rows (test-teacher) + 6 gold rows" in proc.stdout
+
+    # Training: both students exported as plain HF dirs that load.
+    from transformers import AutoModelForCausalLM
+
+    for role in ("decomposer", "solver"):
+        d = Path(result["students"][role])
+        assert d == out / "students" / role
+        AutoModelForCausalLM.from_pretrained(d)
+    assert [t["steps"] for t in result["training"]] == [2, 2]
+
+    # Serving: the endpoint answered one problem with a step-by-step trace.
+    assert result["reply"]["steps"] and "timings" in result["reply"]
+    assert "Q1: " in result["trace"] and "A1: " in result["trace"]
+
+    # Evaluation: per-problem Parquet and the table, with the calculator on and off.
+    preds = [r for f in (out / "eval" / "predictions" / "iterative").glob("*.parquet")
+             for r in pq.read_table(f).to_pylist()]  # fmt: skip
+    assert len(preds) == 6  # 3 problems x calculator on/off
+    assert (out / "eval" / "results.md").read_text() == result["results_md"]
+    assert "| Socratic, decomposer + solver | on |" in result["results_md"]
+    assert "== where everything is ==" in proc.stdout
