@@ -81,6 +81,7 @@ class Generator:
         gguf_file: str | None = None,
         dtype: str = "float32",
         num_threads: int | None = None,
+        device: str | None = None,
     ) -> None:
         import torch
 
@@ -88,6 +89,9 @@ class Generator:
             torch.set_num_threads(num_threads)
         self.name = str(model)
         self.tokenizer, self.model = load_model(model, gguf_file=gguf_file, dtype=dtype)
+        # A replica or actor given a GPU uses it; everything else stays on CPU.
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device)
         self.max_new_tokens = max_new_tokens
         self.tokens_generated = 0
 
@@ -113,24 +117,29 @@ class Generator:
         limit = max_new_tokens or self.max_new_tokens
         tok = self.tokenizer
         batch = tok(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = batch.to(self.device)
         sampling: dict[str, Any] = {"do_sample": False}
         if temperature > 0:
             sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
             if seed is not None:
                 torch.manual_seed(seed)
+        if stop:  # stop generating once every row has hit one (the text is cut below)
+            sampling["stopping_criteria"] = _stop_on_text(tok, stop, batch["input_ids"].shape[1])
         with torch.no_grad():
             out = self.model.generate(
                 **batch, max_new_tokens=limit, pad_token_id=tok.pad_token_id, **sampling
             )
         new = out[:, batch["input_ids"].shape[1] :]
         prompt_lengths = batch["attention_mask"].sum(dim=1).tolist()
+        # A row ends at its EOS (counted, as OpenAI counts it); a row stopped by a stop string
+        # while others went on is filled with pad after it (not counted).
         eos = _eos_ids(tok, self.model)
         completions = []
         for row, n_prompt in zip(new.tolist(), prompt_lengths, strict=True):
             n, finished = len(row), False
             for i, t in enumerate(row):
-                if t in eos:
-                    n, finished = i + 1, True
+                if t in eos or t == tok.pad_token_id:
+                    n, finished = i + (t in eos), True
                     break
             text = tok.decode(row[:n], skip_special_tokens=True)
             cut = min((i for s in stop if (i := text.find(s)) >= 0), default=-1)
@@ -139,6 +148,27 @@ class Generator:
             completions.append(Completion(text, int(n_prompt), n, "stop" if finished else "length"))
         self.tokens_generated += sum(c.completion_tokens for c in completions)
         return completions
+
+
+def _stop_on_text(tokenizer: Any, stop: Sequence[str], prompt_len: int) -> Any:
+    """A stopping criterion that looks for the stop strings in the generated text only.
+
+    transformers' own `stop_strings` also match across the prompt's last tokens, which would end
+    a completion on a "stop string" it never wrote (OpenAI matches completions only)."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    window = 4 * max(len(s) for s in stop) + 4  # tokens; a byte-level token holds >= 1 byte
+
+    class StopOnText(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            tails = tokenizer.batch_decode(
+                input_ids[:, prompt_len:][:, -window:], skip_special_tokens=True
+            )
+            done = [any(s in t for s in stop) for t in tails]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([StopOnText()])
 
 
 def _eos_ids(tokenizer: Any, model: Any) -> set[int]:

@@ -62,3 +62,13 @@ def test_the_loop_counts_the_tokens_of_every_call(gen: Generator) -> None:
         calls = 1 + len(sol.steps)
         assert sol.tokens == 12 * calls  # random weights never stop early
         assert solve(problem, gen, gen, max_steps=2).answer == sol.answer
+
+
+def test_stop_strings_end_generation_early(gen: Generator) -> None:
+    """A stopped row costs only the tokens up to its stop, not the whole max_new_tokens."""
+    prompt = [decomposer_prompt(PROBLEMS[2])]
+    full = gen.complete(prompt, max_new_tokens=30)[0]
+    stop = full.text[3:6]
+    cut = gen.complete(prompt, max_new_tokens=30, stop=[stop])[0]
+    assert cut.text == full.text[: full.text.find(stop)]
+    assert cut.completion_tokens < full.completion_tokens == 30
