@@ -324,6 +324,13 @@ def _classify(exc: BaseException) -> tuple[str, bool, float | None]:
             f"the teacher endpoint refused the request ({exc.status_code}): {_message(exc)}. "
             "Check the API key variable (--api-key-env) and the model name."
         ) from None
+    if isinstance(exc, openai.NotFoundError):
+        # A wrong model name or base URL fails every call alike. Rejecting each row instead
+        # would also make a rerun skip them all (404 is not transient) after the fix.
+        raise FatalTeacherError(
+            f"the teacher endpoint answered 404: {_message(exc)}. Check --model and --base-url "
+            "(an OpenAI-compatible base URL usually ends in /v1)."
+        ) from None
     if isinstance(exc, openai.APITimeoutError):
         return "timeout", True, None
     if isinstance(exc, openai.APIConnectionError):

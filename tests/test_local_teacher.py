@@ -13,13 +13,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from pipelines.annotate import AnnotateConfig, output_fs, parquet_files, run
+from pipelines.teacher import FatalTeacherError
 from serve.teacher import (
     Job,
     Sampling,
@@ -408,18 +408,17 @@ def test_annotation_runs_end_to_end_against_the_local_teacher(teacher: str, tmp_
     assert handle.stats.remote().result()["requests"] == 3
 
 
-def test_annotation_with_a_wrong_model_name_keeps_every_row_as_rejected(
+def test_annotation_with_a_wrong_model_name_stops_with_a_clear_error(
     teacher: str, tmp_path
 ) -> None:
+    """Every call would 404 alike; rows rejected for it would be skipped by the rerun after the
+    fix, so the job stops at once instead and names what to check."""
     cfg = AnnotateConfig(
         dataset="sample", split="all", output=str(tmp_path / "out"), base_url=teacher,
         model="gpt-4o-mini", limit=3, timeout=60.0, retry_base=0.01,
     )  # fmt: skip
-    run(cfg)
-    rows = _annotation_rows(cfg.output)
-    assert len(rows) == 3
-    assert all(r["status"] == "rejected" for r in rows)
-    assert Counter(r["reason"].split(":")[1].strip() for r in rows) == {"404": 3}
+    with pytest.raises(FatalTeacherError, match="404.*--model"):
+        run(cfg)
 
 
 # --- a real instruct model (opt-in) ------------------------------------------------------------
