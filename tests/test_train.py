@@ -192,3 +192,27 @@ def test_bad_data_ends_with_an_error_naming_the_path(
         code = main(["--data", str(data), "--base-model", str(tiny_model_dir)])
         err = capsys.readouterr().err
         assert code == 2 and str(data) in err and message in err, err
+
+
+def test_relative_paths_are_resolved_on_the_driver(tmp_path: Path, monkeypatch) -> None:
+    """Ray Train runs workers in its own folder: a path relative to where the user typed the
+    command must be made absolute before it travels, and the DeepSpeed JSON read right there."""
+    (tmp_path / "ann").mkdir()
+    (tmp_path / "model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(
+        data="ann,s3://bucket/more", base_model="model", output="students",
+        storage_path="runs", deepspeed=str(Path(__file__).parents[1] / "trainers/ds_zero2.json"),
+    ).with_absolute_paths()  # fmt: skip
+    assert cfg.data_paths == [str(tmp_path / "ann"), "s3://bucket/more"]
+    assert (cfg.base_model, cfg.output, cfg.storage_path) == (
+        str(tmp_path / "model"), str(tmp_path / "students"), str(tmp_path / "runs"),
+    )  # fmt: skip
+    hub = TrainConfig(data="ann", base_model="gpt2").with_absolute_paths()
+    assert hub.base_model == "gpt2"  # a hub id, not a dir here: left alone
+
+    base = cfg.read_deepspeed()
+    ds = cfg.deepspeed_config(world_size=2, total_steps=10, on_gpu=False, base=base)
+    assert ds["zero_optimization"] == base["zero_optimization"]
+    with pytest.raises(FileNotFoundError, match="no DeepSpeed config"):
+        TrainConfig(data="ann", base_model="gpt2", deepspeed="nope.json").read_deepspeed()

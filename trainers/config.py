@@ -7,6 +7,7 @@ data (one solver example per sub-question) and may deserve different shares of a
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -98,7 +99,37 @@ class TrainConfig:
         override = (self.role_scaling or {}).get(role) or {}
         return replace(base, **override)
 
-    def deepspeed_config(self, *, world_size: int, total_steps: int, on_gpu: bool) -> dict:
+    def read_deepspeed(self) -> dict[str, Any]:
+        """The --deepspeed JSON, read where the path is valid: on the driver."""
+        path = Path(self.deepspeed)
+        if not path.is_file():
+            raise FileNotFoundError(f"--deepspeed: no DeepSpeed config at {path.resolve()}")
+        return json.loads(path.read_text())
+
+    def with_absolute_paths(self) -> TrainConfig:
+        """Local relative paths made absolute against the driver's working dir.
+
+        Ray Train runs each worker in its run's storage folder, not the driver's working dir, so
+        a relative `--data` or `--base-model` dir would not be found there; the export task
+        would write a relative `--output` wherever it happened to run."""
+
+        def fix(p: str, must_exist: bool) -> str:
+            if "://" in p or Path(p).is_absolute() or (must_exist and not Path(p).exists()):
+                return p  # a URI, already absolute, or a hub id such as `gpt2`
+            return str(Path(p).resolve())
+
+        return replace(
+            self,
+            data=",".join(fix(p, True) for p in self.data_paths),
+            base_model=fix(self.base_model, True),
+            output=fix(self.output, False),
+            storage_path=fix(self.storage_path, False),
+            deepspeed=fix(self.deepspeed, False),
+        )
+
+    def deepspeed_config(
+        self, *, world_size: int, total_steps: int, on_gpu: bool, base: dict | None = None
+    ) -> dict:
         """The DeepSpeed config a worker passes to `deepspeed.initialize`.
 
         The JSON file holds what users tune per cluster (the ZeRO section); batch sizes,
@@ -106,7 +137,7 @@ class TrainConfig:
         disagree with the data loader. On CPU the optimizer is torch's AdamW (`torch_adam`),
         which avoids the ~50 s JIT compile of DeepSpeed's fused/CPU Adam (ENVIRONMENT.md).
         """
-        ds = json.loads(Path(self.deepspeed).read_text())
+        ds = copy.deepcopy(base) if base is not None else self.read_deepspeed()
         if self.zero_stage is not None:
             ds.setdefault("zero_optimization", {})["stage"] = self.zero_stage
         ds.update(

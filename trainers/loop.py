@@ -34,6 +34,9 @@ class RoleJob:
 
     cfg: TrainConfig
     role: str
+    # The DeepSpeed JSON as the driver read it: workers run in Ray Train's own folder (and on
+    # other nodes), where the file's path may not resolve.
+    deepspeed: dict[str, Any] | None = None
 
 
 def _micro_batches(
@@ -97,7 +100,9 @@ def train_worker(config: dict[str, Any]) -> None:
 
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=dtype)
-    ds_config = cfg.deepspeed_config(world_size=world, total_steps=total_steps, on_gpu=on_gpu)
+    ds_config = cfg.deepspeed_config(
+        world_size=world, total_steps=total_steps, on_gpu=on_gpu, base=job.deepspeed
+    )
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=model.parameters(),

@@ -98,11 +98,13 @@ def run(cfg: TrainConfig) -> list[dict[str, Any]]:
     """Train every role in `cfg.roles`; returns one summary per role."""
     import ray
 
+    cfg = cfg.with_absolute_paths()
+    deepspeed = cfg.read_deepspeed()
     counts = check_data(cfg)
     log.info("examples per role: %s", counts)
     if not ray.is_initialized():
         ray.init(address=cfg.address, configure_logging=False)
-    jobs = [RoleJob(cfg, role) for role in cfg.role_list]
+    jobs = [RoleJob(cfg, role, deepspeed) for role in cfg.role_list]
     # The wrapper holds no CPU: a wrapper holding one would starve its own training workers.
     remote_fit = ray.remote(num_cpus=0)(fit_role)
     if cfg.sequential:
