@@ -376,15 +376,7 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
     fs, root = output_fs(cfg.output)
     api_key = _api_key(cfg) if cfg.mode == "teacher" else None
     state = prepare_output(fs, root)
-    spec = DatasetSpec(
-        cfg.dataset,
-        split=cfg.split,
-        path=cfg.path,
-        config=cfg.dataset_config,
-        hub_id=cfg.hub_id,
-        seed=cfg.seed,
-        limit=cfg.limit,
-    )
+    spec = DatasetSpec.from_config(cfg)
     items, keys = work_items(cfg, load_problems(spec))
     todo = [it for it in items if it["cache_key"] not in state.done]
     log.info(

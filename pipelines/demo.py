@@ -65,7 +65,7 @@ class DemoConfig:
     limit: int | None = option(None, help="use only the first N training problems")
     eval_limit: int | None = option(None, help="evaluate only the first N held-out problems")
     teacher_max_tokens: int = option(256, help="max tokens per teacher reply")
-    train_steps: int = option(6, help="optimizer steps per student")
+    train_steps: int = option(16, help="optimizer steps per student")
     workers: int = option(2, help="Ray Train workers per student (ZeRO-2 over gloo on CPU)")
     micro_batch_size: int = option(2, help="examples per worker per step")
     max_length: int = option(320, help="max tokens per training example")
@@ -117,12 +117,13 @@ def start_teacher(cfg: DemoConfig) -> tuple[str, str]:
         print(f"teacher: {cfg.teacher_model} at {url}")
         return cfg.base_url, cfg.teacher_model  # type: ignore[return-value]
     from ray import serve
+
     from serve.teacher import build_teacher_app, prepare_smollm2
 
     model_dir = prepare_smollm2(cfg.out / "models" / "smollm2-135m-instruct")
     name = "SmolLM2-135M-Instruct"
     serve.run(
-        build_teacher_app({"model": str(model_dir), "name": name, "max_batch_size": 8}),
+        build_teacher_app({"model": str(model_dir), "name": name, "max_batch_size": 16}),
         name=TEACHER_APP,
         route_prefix="/teacher",
     )
@@ -150,7 +151,7 @@ def annotate_sample(cfg: DemoConfig, base_url: str, model: str) -> dict[str, dic
             model=model,
             api_key_env=cfg.api_key_env,
             max_tokens=cfg.teacher_max_tokens,
-            max_in_flight=8,
+            max_in_flight=16,  # = the local teacher's batch: one prefill for all of them
             timeout=600.0,  # a CPU teacher answers a full batch in minutes, not seconds
         )
     )
@@ -307,6 +308,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
 
 def format_report(r: dict[str, Any], out: Path) -> str:
     a = r["annotations"]
+    reasons = ", ".join(f"{k} {v}" for k, v in a["teacher"]["rejected_by_reason"].items())
     lines = [
         "",
         "== the Socratic trace (served over HTTP) ==",
@@ -316,7 +318,7 @@ def format_report(r: dict[str, Any], out: Path) -> str:
         r["results_md"],
         "== where everything is ==",
         f"  teacher rows   {a['teacher']['output']}  ({a['teacher']['accepted']} accepted, "
-        f"{a['teacher']['rejected']} rejected: {a['teacher']['rejected_by_reason'] or 'none'})",
+        f"{a['teacher']['rejected']} rejected: {reasons or 'none'})",
         f"  gold rows      {a['gold']['output']}  ({a['gold']['accepted']} accepted)",
         *(f"  {role:<14} {path}" for role, path in r["students"].items()),
         f"  checkpoints    {out / 'ray_results'}",

@@ -250,15 +250,7 @@ def read_one_pass(method: str, text: str, kind: str) -> tuple[str | None, list[d
 
 
 def problem_items(cfg: EvaluateConfig) -> list[dict[str, Any]]:
-    spec = DatasetSpec(
-        cfg.dataset,
-        split=cfg.split,
-        path=cfg.path,
-        config=cfg.dataset_config,
-        hub_id=cfg.hub_id,
-        seed=cfg.seed,
-        limit=cfg.limit,
-    )
+    spec = DatasetSpec.from_config(cfg)
     return [
         {
             "id": p.id,

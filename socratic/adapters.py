@@ -96,6 +96,20 @@ class DatasetSpec:
     limit: int | None = None
     stats: LoadStats = field(default_factory=LoadStats, compare=False, repr=False)
 
+    @classmethod
+    def from_config(cls, cfg: Any) -> DatasetSpec:
+        """The spec a stage's config names with its dataset options (`dataset`, `split`, `path`,
+        `dataset_config`, `hub_id`, `seed`, `limit`): one mapping, shared by every stage."""
+        return cls(
+            cfg.dataset,
+            split=cfg.split,
+            path=cfg.path,
+            config=cfg.dataset_config,
+            hub_id=cfg.hub_id,
+            seed=cfg.seed,
+            limit=cfg.limit,
+        )
+
 
 Located = tuple[str, dict[str, Any]]  # (where in the source, record)
 
