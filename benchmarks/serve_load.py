@@ -521,8 +521,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--batch-wait-timeout-s",
         type=float,
-        default=0.01,
-        help="StudentModel batch wait (the app's default)",
+        default=0.0,
+        help="StudentModel batch wait before a partial batch (the app's default)",
     )
     p.add_argument("--num-threads", type=int, default=1, help="torch threads per model replica")
     p.add_argument("--n-layer", type=int, default=2, help="student size: layers")

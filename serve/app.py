@@ -4,12 +4,13 @@
     python serve/app.py --decomposer DIR --solver DIR # local, binds 127.0.0.1:8000
 
 `StudentModel` serves one exported student (a plain HF dir) and batches concurrent `generate`
-calls with `@serve.batch` into one left-padded `model.generate`; `Decomposer` and `Solver` are
-two deployments of it, each with its own replicas, autoscaling and resources, because the solver
-is called once per sub-question and so takes several times the decomposer's load. `Ingress`
-holds no model: it runs `socratic.solve.solving_loop` through the two handles and scales on its
-own. It bounds problem size and steps, answers bad input with a 4xx that says what is wrong, and
-sheds load with 503 (`max_ongoing_requests`/`max_queued_requests`) instead of queueing without end.
+calls into one left-padded `model.generate` (greedily, `serve/batching.py`, not `@serve.batch`).
+`Decomposer` and `Solver` are two deployments of it, each with its own replicas, autoscaling and
+resources, because the solver is called once per sub-question and so takes several times the
+decomposer's load. `Ingress` holds no model: it runs `socratic.solve.solving_loop` through the
+two handles and scales on its own. It bounds problem size and steps, answers bad input with a
+4xx that says what is wrong, and sheds load with 503 (`max_ongoing_requests` /
+`max_queued_requests`) instead of queueing without end.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the real `Request` class on
@@ -31,6 +32,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serve.batching import GreedyBatcher
 from socratic.generate import Generator
 from socratic.solve import DEFAULT_MAX_STEPS, Solved, solve_async
 
@@ -40,40 +42,34 @@ MAX_STEPS_LIMIT = 16
 
 @serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 1})
 class StudentModel:
-    """One student model; concurrent `generate` calls become one batched forward pass."""
+    """One student model; concurrent `generate` calls become one batched forward pass.
+
+    Batching is `serve.batching.GreedyBatcher`, not `@serve.batch`: Serve's batcher forms small
+    batches under load and makes a lone call wait its timeout (see that module for the numbers).
+    """
 
     def __init__(
         self,
         model_dir: str,
         max_new_tokens: int = 128,
         max_batch_size: int = 8,
-        batch_wait_timeout_s: float = 0.01,
+        batch_wait_timeout_s: float = 0.0,
         num_threads: int | None = None,
     ) -> None:
         self.model = Generator(model_dir, max_new_tokens=max_new_tokens, num_threads=num_threads)
-        self.generate.set_max_batch_size(max_batch_size)
-        self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.calls = 0
-        self.batch_sizes: list[int] = []
+        self.batcher = GreedyBatcher(self.model, max_batch_size, batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def generate(self, prompts: list[str]) -> list[str]:
-        self.calls += len(prompts)
-        self.batch_sizes.append(len(prompts))
-        # generate() holds the GIL only between torch ops; a thread keeps the replica's event
-        # loop free to collect the next batch meanwhile.
-        return await asyncio.to_thread(self.model, prompts)
+    async def generate(self, prompt: str) -> str:
+        """One prompt's completion; concurrent calls share one left-padded `generate`."""
+        return await self.batcher(prompt)
 
     def stats(self) -> dict[str, Any]:
         """Calls and batch sizes seen by this replica (tests and the load benchmark read it)."""
-        return {
-            "calls": self.calls,
-            "batches": len(self.batch_sizes),
-            "batch_sizes": list(self.batch_sizes),
-        }
+        sizes = self.batcher.batch_sizes
+        return {"calls": sum(sizes), "batches": len(sizes), "batch_sizes": list(sizes)}
 
     def reset_stats(self) -> None:
-        self.calls, self.batch_sizes = 0, []
+        self.batcher.batch_sizes = []
 
 
 api = FastAPI(

@@ -85,6 +85,24 @@ def test_solve_reply_shape_and_one_solver_call_per_step(served: str) -> None:
     assert _solver_calls() - before == len(out["steps"])
 
 
+def test_concurrent_calls_share_a_batch_and_match_single_calls(served: str, tiny_model_dir) -> None:
+    """Calls that queue while the replica generates become one batch, and batching changes no
+    text: each answer equals the same prompt generated alone, in-process."""
+    from ray import serve
+
+    from socratic.formats import decomposer_prompt
+    from socratic.generate import Generator
+
+    handle = serve.get_deployment_handle("Decomposer", app_name="socratic")
+    handle.reset_stats.remote().result()
+    prompts = [decomposer_prompt(f"{PROBLEM} Try {i}.") for i in range(8)]
+    texts = [r.result() for r in [handle.generate.remote(p) for p in prompts]]
+    sizes = handle.stats.remote().result()["batch_sizes"]
+    assert sum(sizes) == 8 and max(sizes) > 1, sizes
+    alone = Generator(tiny_model_dir, max_new_tokens=24)
+    assert texts == [alone([p])[0] for p in prompts]
+
+
 def test_stream_sends_one_event_per_step_then_done(served: str) -> None:
     status, raw = _post(served, {"problem": PROBLEM, "max_steps": 2, "stream": True})
     assert status == 200
