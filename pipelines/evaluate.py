@@ -3,6 +3,7 @@
     python pipelines/evaluate.py --dataset gsm8k --split test --models outputs/students \\
         --methods iterative,unified,cot,answer --calculator both --output outputs/eval/gsm8k
     ray job submit --working-dir . -- python pipelines/evaluate.py ...
+    python pipelines/evaluate.py table outputs/eval/gsm8k outputs/eval/svamp --output results.md
 
 Methods, as in the paper's results table:
 - `iterative`: the Socratic pair. The decomposer writes the sub-questions, the solver answers them
@@ -369,22 +370,50 @@ METHOD_LABELS = {
 
 
 def results_markdown(summary: dict[str, Any]) -> str:
-    """The paper's table shape: a row per method (and calculator setting), a column per dataset."""
-    datasets = sorted({r["dataset"] for r in summary["results"]})
-    head = "| method | calculator | " + " | ".join(datasets) + " |"
-    lines = [head, "|---|---|" + "---|" * len(datasets)]
-    for r in summary["results"]:
-        calc = "n/a" if r["calculator"] is None else ("on" if r["calculator"] else "off")
-        cells = [
-            f"{r['accuracy']:.1f} ({r['correct']}/{r['problems']})" if r["dataset"] == d else ""
-            for d in datasets
-        ]
-        lines.append(f"| {METHOD_LABELS[r['method']]} | {calc} | " + " | ".join(cells) + " |")
+    """The paper's table shape: a row per method (and calculator setting), a column per dataset.
+
+    Works on one run's summary and on `merge_summaries` of several (one run per dataset, as
+    each dataset has its own students)."""
+    results = summary["results"]
+    datasets = sorted({r["dataset"] for r in results})
+    rows: dict[tuple[str, bool | None], dict[str, str]] = {}
+    for r in results:
+        cell = f"{r['accuracy']:.1f} ({r['correct']}/{r['problems']})"
+        rows.setdefault((r["method"], r["calculator"]), {})[r["dataset"]] = cell
+    order = {m: i for i, m in enumerate(METHOD_LABELS)}
+    lines = [
+        "| method | calculator | " + " | ".join(datasets) + " |",
+        "|---|---|" + "---|" * len(datasets),
+    ]
+    for (method, calculator), cells in sorted(
+        rows.items(), key=lambda kv: (order[kv[0][0]], str(kv[0][1]))
+    ):
+        calc = "n/a" if calculator is None else ("on" if calculator else "off")
+        row = " | ".join(cells.get(d, "") for d in datasets)
+        lines.append(f"| {METHOD_LABELS[method]} | {calc} | {row} |")
     lines.append("")
-    lines.append(f"Accuracy in % on {summary['split']}; models: " + ", ".join(
-        f"{role} {d}" for role, d in summary["models"].items()
-    ))  # fmt: skip
+    splits = ", ".join(sorted({f"{r['dataset']}/{r['split']}" for r in results}))
+    models = ", ".join(f"{role} {d}" for role, d in summary["models"].items())
+    lines.append(f"Accuracy in % on {splits}; models: {models}")
     return "\n".join(lines) + "\n"
+
+
+def merge_summaries(paths: Sequence[str | Path]) -> dict[str, Any]:
+    """One summary from several runs' `summary.json` (or their output dirs), for one table."""
+    summaries = []
+    for path in paths:
+        f = Path(path)
+        f = f / "summary.json" if f.is_dir() else f
+        if not f.is_file():
+            raise FileNotFoundError(f"no evaluation summary at {f}")
+        summaries.append(json.loads(f.read_text()))
+    return {
+        "results": [r for s in summaries for r in s["results"]],
+        "models": {
+            f"{s['dataset']} {role}": d for s in summaries for role, d in s["models"].items()
+        },
+        "sources": [str(p) for p in paths],
+    }
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -403,7 +432,34 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def table_main(argv: Sequence[str]) -> int:
+    """`evaluate.py table RUN...`: one paper-shaped table from several runs' outputs."""
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="evaluate.py table", description="Merge evaluation runs into one results table."
+    )
+    p.add_argument("runs", nargs="+", help="output dirs (or summary.json files) of evaluate runs")
+    p.add_argument("--output", type=Path, help="write the table here (.md) and its JSON beside")
+    a = p.parse_args(argv)
+    try:
+        merged = merge_summaries(a.runs)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    table = results_markdown(merged)
+    if a.output:
+        a.output.parent.mkdir(parents=True, exist_ok=True)
+        a.output.write_text(table)
+        a.output.with_suffix(".json").write_text(json.dumps(merged, indent=2))
+    print(table)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["table"]:
+        return table_main(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = parse_config(EvaluateConfig, argv)
     log.info("config: %s", json.dumps(asdict(cfg), default=str))

@@ -142,3 +142,36 @@ def test_yes_no_problems_are_scored_as_yes_no(ray_cluster, tiny_model_dir, tmp_p
     assert len(rows) == 3
     assert all(r["gold"] in ("yes", "no") for r in rows)
     assert all(r["predicted"] in ("yes", "no", None) for r in rows)
+
+
+def _summary(dataset: str, correct: int) -> dict:
+    result = {"dataset": dataset, "split": "test", "problems": 4, "correct": correct,
+              "accuracy": 25.0 * correct, "missing": 0, "duplicates": 0}  # fmt: skip
+    return {
+        "dataset": dataset,
+        "split": "test",
+        "models": {"decomposer": f"students/{dataset}/decomposer"},
+        "results": [
+            {**result, "method": "iterative", "calculator": True},
+            {**result, "method": "answer", "calculator": None, "correct": 0, "accuracy": 0.0},
+        ],
+    }
+
+
+def test_runs_merge_into_one_table_with_a_column_per_dataset(tmp_path: Path, capsys) -> None:
+    for name, correct in (("gsm8k", 1), ("svamp", 3)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(_summary(name, correct)))
+    out = tmp_path / "table" / "results.md"
+    assert main(["table", str(tmp_path / "gsm8k"), str(tmp_path / "svamp"),
+                 "--output", str(out)]) == 0  # fmt: skip
+    table = out.read_text()
+    assert table == capsys.readouterr().out.rstrip("\n") + "\n"
+    lines = table.splitlines()
+    assert lines[0] == "| method | calculator | gsm8k | svamp |"
+    # The paper's order: baselines first, the Socratic pair last; one row per method/setting.
+    assert lines[2] == "| Answer only | n/a | 0.0 (0/4) | 0.0 (0/4) |"
+    assert lines[3] == "| Socratic, decomposer + solver | on | 25.0 (1/4) | 75.0 (3/4) |"
+    merged = json.loads(out.with_suffix(".json").read_text())
+    assert merged["models"]["svamp decomposer"] == "students/svamp/decomposer"
+    assert main(["table", str(tmp_path / "nowhere")]) == 2
