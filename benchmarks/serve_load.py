@@ -75,33 +75,6 @@ ROLES = ("Decomposer", "Solver")
 # --- model -------------------------------------------------------------------------------------
 
 
-def build_model(out_dir: Path, n_layer: int, n_embd: int, n_head: int, seed: int = 0) -> Path:
-    """`tests.support.tiny_model.build_tiny_model`, with the size as arguments."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from tests.support.tiny_model import build_tokenizer, sample_texts
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(sample_texts())
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=512,
-        n_embd=n_embd,
-        n_layer=n_layer,
-        n_head=n_head,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
-
-
 class LocalStudent:
     """The replica's model code without Serve: the same `socratic.generate.Generator`, here."""
 
@@ -560,8 +533,16 @@ def main(argv: list[str] | None = None) -> int:
     problems = [p.question for p in load_problems(DatasetSpec("sample", split="all"))]
     with contextlib.ExitStack() as stack:
         if args.model_dir is None:
+            from tests.support.tiny_model import build_tiny_model, sample_texts
+
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="serve-load-")))
-            model_dir = build_model(tmp / "student", args.n_layer, args.n_embd, args.n_head)
+            model_dir = build_tiny_model(
+                tmp / "student",
+                sample_texts(),
+                n_layer=args.n_layer,
+                n_embd=args.n_embd,
+                n_head=args.n_head,
+            )
         else:
             model_dir = args.model_dir
         local = LocalStudent(model_dir, args.max_new_tokens, args.num_threads)

@@ -48,23 +48,16 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def long_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def long_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny test model with 2048 positions instead of 512.
 
     Same tokenizer and architecture; only the context is longer, because the bundled few-shot
     annotation prompts are ~1100 of this tokenizer's tokens and the end-to-end run must reach
     generation rather than stop at context_length_exceeded."""
-    import torch
-    from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
+    from tests.support.tiny_model import build_tiny_model, sample_texts
 
     out = tmp_path_factory.mktemp("tiny-long")
-    config = AutoConfig.from_pretrained(tiny_model_dir)
-    config.n_positions = 2048
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(config)
-    model.generation_config.pad_token_id = config.pad_token_id
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    build_tiny_model(out, sample_texts(), n_positions=2048)
     return out
 
 

@@ -37,8 +37,18 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 600):
     )
 
 
-def build_tiny_model(out_dir: str | Path, texts: Iterable[str], seed: int = 0) -> Path:
-    """Save a tiny GPT-2 + tokenizer under `out_dir`; `from_pretrained(out_dir)` loads both."""
+def build_tiny_model(
+    out_dir: str | Path,
+    texts: Iterable[str],
+    seed: int = 0,
+    *,
+    n_layer: int = 2,
+    n_embd: int = 64,
+    n_head: int = 2,
+    n_positions: int = 512,
+) -> Path:
+    """Save a tiny GPT-2 + tokenizer under `out_dir`; `from_pretrained(out_dir)` loads both.
+    The size arguments let benchmarks and long-prompt tests grow it without a second copy."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -47,10 +57,10 @@ def build_tiny_model(out_dir: str | Path, texts: Iterable[str], seed: int = 0) -
     tokenizer = build_tokenizer(texts)
     config = GPT2Config(
         vocab_size=len(tokenizer),
-        n_positions=512,
-        n_embd=64,
-        n_layer=2,
-        n_head=2,
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
