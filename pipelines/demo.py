@@ -82,6 +82,11 @@ class DemoConfig:
         return Path(self.output).resolve()
 
     @property
+    def smollm2_dir(self) -> Path:
+        """The converted SmolLM2: the local teacher and the default students' start weights."""
+        return self.out / "models" / "smollm2-135m-instruct"
+
+    @property
     def remote_teacher(self) -> bool:
         return self.base_url is not None or bool(os.environ.get(self.api_key_env))
 
@@ -120,7 +125,7 @@ def start_teacher(cfg: DemoConfig) -> tuple[str, str]:
 
     from serve.teacher import build_teacher_app, prepare_smollm2
 
-    model_dir = prepare_smollm2(cfg.out / "models" / "smollm2-135m-instruct")
+    model_dir = prepare_smollm2(cfg.smollm2_dir)
     name = "SmolLM2-135M-Instruct"
     serve.run(
         build_teacher_app({"model": str(model_dir), "name": name, "max_batch_size": 16}),
@@ -137,7 +142,7 @@ def student_base(cfg: DemoConfig) -> str:
         return cfg.student_base
     from serve.teacher import prepare_smollm2
 
-    return str(prepare_smollm2(cfg.out / "models" / "smollm2-135m-instruct"))
+    return str(prepare_smollm2(cfg.smollm2_dir))
 
 
 def annotate_sample(cfg: DemoConfig, base_url: str, model: str) -> dict[str, dict[str, Any]]:

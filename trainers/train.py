@@ -34,10 +34,6 @@ from trainers.loop import RoleJob, train_worker
 log = logging.getLogger("train")
 
 
-def _storage(path: str) -> str:
-    return path if "://" in path else str(Path(path).resolve())
-
-
 def check_data(cfg: TrainConfig) -> dict[str, int]:
     """Fail before any worker starts if the data cannot train every role (names the path)."""
     rows = read_accepted(cfg.data_paths)
@@ -68,7 +64,7 @@ def fit_role(job: RoleJob) -> dict[str, Any]:
         ),
         run_config=ray.train.RunConfig(
             name=f"{cfg.run_name}-{job.role}",
-            storage_path=_storage(cfg.storage_path),
+            storage_path=cfg.storage_path,  # absolute: run() resolved it
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
