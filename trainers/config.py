@@ -3,18 +3,36 @@
 Settings shared by every role sit at the top level; `role_scaling` (YAML only) gives a role its
 own workers and resources, because the decomposer and the solver see very different amounts of
 data (one solver example per sub-question) and may deserve different shares of a cluster.
+Its overrides are typed like every other value (`socratic.config.typed_fields`).
+
+The DeepSpeed JSON and this config both say things about the optimizer, schedule, clipping and
+precision. `deepspeed_plan` decides per key and says why: a value the user wrote in the JSON
+wins over our default; an option the user set here (flag or YAML) wins over the JSON; batch
+sizes are always ours, since they must match the data loader.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from socratic.config import option
+from socratic.config import ConfigError, option, typed_fields
 from socratic.formats import ROLES
+
+log = logging.getLogger("trainers")
+# The parameters of DeepSpeed's schedulers that our options fill when the JSON leaves them out.
+_SCHEDULER_KEYS = {
+    "WarmupDecayLR": ("total_num_steps", "warmup_min_lr", "warmup_max_lr", "warmup_num_steps",
+                      "warmup_type"),
+    "WarmupLR": ("warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "warmup_type"),
+    "WarmupCosineLR": ("total_num_steps", "warmup_num_steps", "warmup_type"),
+}  # fmt: skip
+SOLVER_EXAMPLES = ("packed", "per-example")
 
 TRAINERS_DIR = Path(__file__).resolve().parent
 
@@ -71,10 +89,19 @@ class TrainConfig:
     num_workers: int = option(2, help="Ray Train workers per role (default scaling)")
     use_gpu: bool = option(False, help="one GPU per worker (NCCL); off means CPU and gloo")
     cpus_per_worker: float = option(1.0, help="CPUs per worker")
-    role_scaling: dict[str, Any] = option(
+    role_scaling: dict[str, dict[str, Any]] | None = option(
         None, help="YAML only: per-role Scaling overrides", cli=False
     )
     address: str | None = option(None, help="Ray address (default: RAY_ADDRESS or a local one)")
+    solver_examples: str = option(
+        "packed",
+        help="solver data: one sequence per problem with loss on every answer (packed), or one "
+        "example per sub-question (per-example); the same losses, packed has ~2.8x fewer tokens",
+        choices=SOLVER_EXAMPLES,
+    )
+    explicit_options: dict[str, str] | None = option(
+        None, help="filled by parse_config: option -> 'flag' or the YAML path", cli=False
+    )
 
     def __post_init__(self) -> None:
         bad = [r for r in self.role_list if r not in ROLES]
@@ -82,9 +109,19 @@ class TrainConfig:
             raise ValueError(f"--roles must name some of {', '.join(ROLES)}; got {self.roles!r}")
         if self.zero_stage not in (None, 2, 3):
             raise ValueError("--zero-stage must be 2 or 3")
+        if self.solver_examples not in SOLVER_EXAMPLES:
+            raise ValueError(f"--solver-examples must be one of {', '.join(SOLVER_EXAMPLES)}")
         unknown = set(self.role_scaling or {}) - set(ROLES)
         if unknown:
-            raise ValueError(f"role_scaling names unknown roles: {', '.join(sorted(unknown))}")
+            raise ConfigError(
+                "role_scaling", f"unknown roles {', '.join(sorted(map(str, unknown)))}"
+            )
+        typed = {
+            role: typed_fields(Scaling, override or {}, f"role_scaling.{role}")
+            for role, override in (self.role_scaling or {}).items()
+        }
+        if self.role_scaling is not None:
+            object.__setattr__(self, "role_scaling", typed)  # frozen: set once, here
 
     @property
     def role_list(self) -> list[str]:
@@ -100,11 +137,24 @@ class TrainConfig:
         return replace(base, **override)
 
     def read_deepspeed(self) -> dict[str, Any]:
-        """The --deepspeed JSON, read where the path is valid: on the driver."""
+        """The --deepspeed JSON, read where the path is valid: on the driver.
+
+        The driver reads it once per run, so this is also where the run says, once, which
+        DeepSpeed setting came from where (`deepspeed_plan`)."""
         path = Path(self.deepspeed)
         if not path.is_file():
             raise FileNotFoundError(f"--deepspeed: no DeepSpeed config at {path.resolve()}")
-        return json.loads(path.read_text())
+        try:
+            ds = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--deepspeed: {path} is not valid JSON: {e}") from e
+        if not isinstance(ds, dict):
+            raise ValueError(f"--deepspeed: {path} must hold a JSON object")
+        _, sources = self.deepspeed_plan(
+            world_size=self.num_workers, total_steps=1, on_gpu=self.use_gpu, base=ds
+        )
+        log.info("DeepSpeed settings by source (%s):\n%s", path, format_sources(sources))
+        return ds
 
     def with_absolute_paths(self) -> TrainConfig:
         """Local relative paths made absolute against the driver's working dir.
@@ -127,44 +177,118 @@ class TrainConfig:
             deepspeed=fix(self.deepspeed, False),
         )
 
+    def explicit(self, name: str) -> str | None:
+        """Where the user set option `name` ('flag', a YAML path), or None for our default.
+
+        A config built in code (no `explicit_options`) counts every non-default value as set."""
+        if self.explicit_options is not None:
+            return self.explicit_options.get(name)
+        f = next(f for f in dataclasses.fields(self) if f.name == name)
+        return "code" if getattr(self, name) != f.default else None
+
     def deepspeed_config(
         self, *, world_size: int, total_steps: int, on_gpu: bool, base: dict | None = None
     ) -> dict:
-        """The DeepSpeed config a worker passes to `deepspeed.initialize`.
+        """The DeepSpeed config a worker passes to `deepspeed.initialize` (see `deepspeed_plan`)."""
+        return self.deepspeed_plan(
+            world_size=world_size, total_steps=total_steps, on_gpu=on_gpu, base=base
+        )[0]
 
-        The JSON file holds what users tune per cluster (the ZeRO section); batch sizes,
-        optimizer, schedule, clipping and precision come from this config so they cannot
-        disagree with the data loader. On CPU the optimizer is torch's AdamW (`torch_adam`),
-        which avoids the ~50 s JIT compile of DeepSpeed's fused/CPU Adam (ENVIRONMENT.md).
+    def deepspeed_plan(
+        self, *, world_size: int, total_steps: int, on_gpu: bool, base: dict | None = None
+    ) -> tuple[dict, dict[str, str]]:
+        """(DeepSpeed config, where each setting came from: dotted key -> source).
+
+        The JSON holds what users tune per cluster (the ZeRO section, and whatever else they
+        choose to write). Per key of optimizer, scheduler, clipping and bf16: the JSON's value
+        if it has one (not "auto"), unless the user set the matching option of ours (flag or
+        YAML), which then wins and is reported with the JSON value it replaced; else ours.
+        Batch sizes are always ours (they must match the data loader); a different JSON value
+        is reported. On CPU an Adam optimizer gets `torch_adam`, which avoids the ~50 s JIT
+        compile of DeepSpeed's fused/CPU Adam (ENVIRONMENT.md), unless the JSON says otherwise.
         """
         ds = copy.deepcopy(base) if base is not None else self.read_deepspeed()
+        src: dict[str, str] = {}
+
+        def put(
+            holder: dict, key: str, dotted: str, ours: Any, name: str | None, fixed: bool = False
+        ) -> None:
+            theirs = holder.get(key, "auto")
+            who = self.explicit(name) if name else None
+            if theirs == "auto" or fixed or who:
+                holder[key] = ours
+                label = f"--{name.replace('_', '-')}" if name else "ours"
+                if fixed:
+                    src[dotted] = "ours (must match the data loader)"
+                elif who:
+                    src[dotted] = f"{label} (set by {who})"
+                else:
+                    src[dotted] = f"{label} (default)" if name else "ours"
+                if theirs not in ("auto", ours):
+                    src[dotted] += f"; overrides the JSON's {theirs!r}"
+            else:
+                src[dotted] = "json"
+
         if self.zero_stage is not None:
-            ds.setdefault("zero_optimization", {})["stage"] = self.zero_stage
-        ds.update(
-            train_micro_batch_size_per_gpu=self.micro_batch_size,
-            gradient_accumulation_steps=self.grad_accum,
-            train_batch_size=self.micro_batch_size * self.grad_accum * world_size,
-            gradient_clipping=self.grad_clip,
-            bf16={"enabled": self.bf16},
-            optimizer={
-                "type": "AdamW",
-                "params": {
-                    "lr": self.lr,
-                    "betas": [0.9, 0.95],
-                    "eps": 1e-8,
-                    "weight_decay": self.weight_decay,
-                    "torch_adam": not on_gpu,
-                },
-            },
-            scheduler={
-                "type": "WarmupDecayLR",
-                "params": {
-                    "total_num_steps": max(total_steps, self.warmup_steps + 1),
-                    "warmup_min_lr": 0.0,
-                    "warmup_max_lr": self.lr,
-                    "warmup_num_steps": max(1, self.warmup_steps),  # DeepSpeed needs > 0
-                    "warmup_type": "linear",
-                },
-            },
-        )
-        return ds
+            put(ds.setdefault("zero_optimization", {}), "stage", "zero_optimization.stage",
+                self.zero_stage, "zero_stage")  # fmt: skip
+        elif "stage" in ds.get("zero_optimization", {}):
+            src["zero_optimization.stage"] = "json"
+        put(ds, "train_micro_batch_size_per_gpu", "train_micro_batch_size_per_gpu",
+            self.micro_batch_size, None, fixed=True)  # fmt: skip
+        put(ds, "gradient_accumulation_steps", "gradient_accumulation_steps", self.grad_accum,
+            None, fixed=True)  # fmt: skip
+        put(ds, "train_batch_size", "train_batch_size",
+            self.micro_batch_size * self.grad_accum * world_size, None, fixed=True)  # fmt: skip
+        put(ds, "gradient_clipping", "gradient_clipping", self.grad_clip, "grad_clip")
+        bf16 = ds.get("bf16")
+        ds["bf16"] = bf16 = dict(bf16) if isinstance(bf16, dict) else {}
+        put(bf16, "enabled", "bf16.enabled", self.bf16, "bf16")
+
+        ours_opt = {"lr": self.lr, "weight_decay": self.weight_decay}
+        if "optimizer" not in ds:
+            ds["optimizer"] = {"type": "AdamW", "params": {"betas": [0.9, 0.95], "eps": 1e-8}}
+            src["optimizer.type"] = "ours (AdamW, betas 0.9/0.95, eps 1e-8)"
+        else:
+            src["optimizer.type"] = "json"
+        opt = ds["optimizer"]
+        params = opt.setdefault("params", {})
+        for key in ("lr", "weight_decay"):
+            put(params, key, f"optimizer.params.{key}", ours_opt[key], key)
+        if str(opt.get("type", "")).lower() in ("adam", "adamw"):
+            if "torch_adam" in params:
+                src["optimizer.params.torch_adam"] = "json"
+            else:
+                params["torch_adam"] = not on_gpu
+                src["optimizer.params.torch_adam"] = "ours (torch's AdamW on CPU, fused on GPU)"
+
+        ours_sched = {
+            "total_num_steps": max(total_steps, self.warmup_steps + 1),
+            "warmup_min_lr": 0.0,
+            "warmup_max_lr": self.lr,
+            "warmup_num_steps": max(1, self.warmup_steps),  # DeepSpeed needs > 0
+            "warmup_type": "linear",
+        }
+        sched_option = {"warmup_max_lr": "lr", "warmup_num_steps": "warmup_steps"}
+        if "scheduler" not in ds:
+            ds["scheduler"] = {"type": "WarmupDecayLR", "params": {}}
+            src["scheduler.type"] = "ours (WarmupDecayLR, linear warmup then decay to 0)"
+        else:
+            src["scheduler.type"] = "json"
+        sched = ds["scheduler"]
+        sp = sched.setdefault("params", {})
+        has = _SCHEDULER_KEYS.get(sched.get("type"), ())
+        for key, value in ours_sched.items():
+            if key in sp or key in has:  # a scheduler we do not know: only the keys it has
+                if key == "total_num_steps" and sp.get(key, "auto") == "auto":
+                    sp[key] = value
+                    src[f"scheduler.params.{key}"] = "ours (--max-steps or --epochs x data)"
+                    continue
+                put(sp, key, f"scheduler.params.{key}", value, sched_option.get(key))
+        return ds, src
+
+
+def format_sources(sources: dict[str, str]) -> str:
+    """One `key: source` line per DeepSpeed setting, for the driver's log."""
+    width = max(map(len, sources), default=0)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in sources.items())
