@@ -151,6 +151,47 @@ def answer_target(answer: str) -> str:
     return f"{ANSWER} {_field(answer, 'final answer')}"
 
 
+@dataclass(frozen=True, slots=True)
+class SolverSequence:
+    """All of a problem's solver examples as one text: `problem Q1 A1 Q2 A2 ... Qn An`.
+
+    `pieces` alternate context and target: context 1 is the first example's whole prompt,
+    context k > 1 is what lies between target k-1 and target k (`"\nQk: ...\n"`). Joined up to
+    target k, the pieces are exactly the k-th per-example prompt (`solver_prompt`), so under
+    causal attention every answer sees the context its own example gives it, and a trainer can
+    put the loss on every target in one pass instead of re-reading the prompt n times.
+    """
+
+    pieces: tuple[str, ...]
+
+    @property
+    def contexts(self) -> tuple[str, ...]:
+        return self.pieces[0::2]
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return self.pieces[1::2]
+
+    def examples(self) -> list[Example]:
+        """The per-example form of the same data (what `examples_for("solver", ...)` gives)."""
+        return [
+            Example("".join(self.pieces[: 2 * k + 1]), target)
+            for k, target in enumerate(self.targets)
+        ]
+
+
+def solver_sequence(problem: str, steps: Sequence[Step]) -> SolverSequence:
+    """One problem's solver examples as a single packed sequence (see `SolverSequence`)."""
+    if not steps:
+        raise FormatError("solver examples need at least one step")
+    pieces: list[str] = []
+    for k, s in enumerate(steps, 1):
+        q = _q(k, s.question) + "\n"
+        pieces += [solver_prompt(problem, [], s.question) if k == 1 else "\n" + q]
+        pieces.append(solver_target(k, s.answer))
+    return SolverSequence(tuple(pieces))
+
+
 def examples_for(
     role: str,
     *,

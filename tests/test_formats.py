@@ -139,3 +139,18 @@ def test_parsers_take_the_well_formed_prefix_of_model_output() -> None:
     assert formats.parse_cot("x\nAnswer: 3\nAnswer: 4") == ("x\nAnswer: 3", "4")
     assert formats.parse_answer("Answer: 72\nProblem: next") == "72"
     assert formats.parse_answer("") is None
+
+
+def test_solver_sequence_is_every_solver_example_in_one_text() -> None:
+    steps = [Step("How  many?", "3 <<1+2=3>>3"), Step("Then\nwhat?", "4")]
+    seq = formats.solver_sequence("Tom has\n3.", steps)
+    assert (
+        "".join(seq.pieces)
+        == "Problem: Tom has 3.\nQ1: How many?\nA1: 3 <<1+2=3>>3\nQ2: Then what?\nA2: 4"
+    )
+    assert seq.targets == ("A1: 3 <<1+2=3>>3", "A2: 4")
+    assert seq.examples() == examples_for("solver", problem="Tom has\n3.", steps=steps)
+    with pytest.raises(FormatError, match="at least one step"):
+        formats.solver_sequence("p", [])
+    with pytest.raises(FormatError, match="sub-answer 2 is empty"):
+        formats.solver_sequence("p", [Step("a", "b"), Step("c", " ")])

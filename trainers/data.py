@@ -8,12 +8,20 @@ student is trained on is exactly what it is later asked.
 On a worker::
 
     rows = read_accepted(paths)                      # accepted teacher rows only
-    examples, stats = build_examples(rows, role)     # rows that cannot format are counted
+    examples, stats = build_examples(rows, role, packed=True)  # unformattable rows counted
     data = tokenize(examples, tokenizer, max_length) # loss only on target + EOS
     for epoch in range(epochs):
         order = batches(data.lengths, micro_batch_size, seed=seed, epoch=epoch)
         for idx in shard(order, rank, world_size):
             batch = collate([data[i] for i in idx], tokenizer.pad_token_id)
+
+The solver's data is packed by default (`packed=True`, `--solver-examples packed`): one sequence
+`problem Q1 A1 ... Qn An` per problem with the loss on every answer, instead of n examples that
+each re-read the prompt. Labels carry the difference: at the last token of each Ak the label is
+EOS while the next input token stays the real "\n", so the student still learns to stop after
+one answer. Every answer's context is token for token its per-example prompt (pieces are
+tokenised apart and joined, see `tokenize`), so the losses are the same at ~2.8x fewer tokens on
+GSM8K (ENVIRONMENT.md; `tests/test_packed_solver.py` checks both claims).
 
 Every rank computes the same `batches` (same seed and epoch) and takes its own `shard`, so no
 sampler state is shared between workers and a restarted worker group replays the same order.
@@ -34,7 +42,15 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from socratic.formats import ROLES, Example, FormatError, examples_for, parse_cot
+from socratic.formats import (
+    ROLES,
+    Example,
+    FormatError,
+    SolverSequence,
+    examples_for,
+    parse_cot,
+    solver_sequence,
+)
 from socratic.records import ACCEPTED, ANNOTATION_SCHEMA, check_annotation_schema, steps_from
 
 IGNORE_INDEX = -100  # the label torch's cross-entropy (and every HF causal LM) skips
@@ -135,9 +151,13 @@ class BuildStats:
 
 
 def build_examples(
-    rows: Iterable[Mapping[str, Any]], role: str
-) -> tuple[list[Example], BuildStats]:
+    rows: Iterable[Mapping[str, Any]], role: str, *, packed: bool = False
+) -> tuple[list[Example | SolverSequence], BuildStats]:
     """Every training example the rows give `role`, and how many rows could not be formatted.
+
+    With `packed`, the solver gets one `SolverSequence` per row instead of one `Example` per
+    sub-question (`examples` then counts the sequences); other roles have one example per row
+    and are unchanged.
 
     Teacher samples of one problem are all kept (several decompositions of a problem is what
     `--samples` pays for). A row that cannot be formatted - no steps for a step role, an empty
@@ -147,11 +167,17 @@ def build_examples(
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
     stats = BuildStats(role)
-    examples: list[Example] = []
+    examples: list[Example | SolverSequence] = []
     for row in rows:
         stats.rows += 1
         try:
-            got = examples_for(role, **_format_args(row, role))
+            args = _format_args(row, role)
+            if packed and role == "solver":
+                got: list[Example | SolverSequence] = [
+                    solver_sequence(args["problem"], args["steps"])
+                ]
+            else:
+                got = list(examples_for(role, **args))
         except FormatError as e:
             stats.skipped += 1
             stats.skip_reasons[str(e)] += 1
@@ -195,11 +221,12 @@ class TokenizedSet:
 
     input_ids: list[list[int]]
     labels: list[list[int]]
-    examples: int  # examples given; kept = examples - dropped
+    examples: int  # (prompt, target) pairs given, a packed sequence's answers each counted
     truncated: int  # kept, with tokens cut from the start of the prompt
     dropped: int  # target too long to fit even with the shortest allowed prompt
     tokens: int  # all tokens kept, prompt + target + EOS
     target_tokens: int  # tokens carrying loss
+    split: int = 0  # packed sequences longer than max_length, cut into several
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -213,7 +240,11 @@ class TokenizedSet:
 
 
 def tokenize(
-    examples: Sequence[Example], tokenizer: Any, max_length: int, *, min_prompt_tokens: int = 8
+    examples: Sequence[Example | SolverSequence],
+    tokenizer: Any,
+    max_length: int,
+    *,
+    min_prompt_tokens: int = 8,
 ) -> TokenizedSet:
     """Token ids and loss labels of `examples`: prompt + target + EOS, at most `max_length`.
 
@@ -232,23 +263,85 @@ def tokenize(
         raise ValueError("min_prompt_tokens must be at least 1")
     if max_length < min_prompt_tokens + 2:
         raise ValueError(f"max_length {max_length} leaves no room for a prompt and a target")
-    prompts = _encode(tokenizer, [ex.prompt for ex in examples])
-    targets = _encode(tokenizer, [ex.target for ex in examples])
-    out = TokenizedSet([], [], len(examples), 0, 0, 0, 0)
-    for p, t in zip(prompts, targets, strict=True):
-        t = [*t, eos]
-        room = max_length - len(t)
-        if len(p) > room:
-            if room < min_prompt_tokens:
-                out.dropped += 1
-                continue
-            p = p[len(p) - room :]
-            out.truncated += 1
-        out.input_ids.append(p + t)
-        out.labels.append([IGNORE_INDEX] * len(p) + t)
-        out.tokens += len(p) + len(t)
-        out.target_tokens += len(t)
+    # One tokenizer call for every piece of text: prompt/target, or a sequence's pieces.
+    texts = [
+        piece
+        for ex in examples
+        for piece in (ex.pieces if isinstance(ex, SolverSequence) else (ex.prompt, ex.target))
+    ]
+    ids = iter(_encode(tokenizer, texts))
+    out = TokenizedSet([], [], 0, 0, 0, 0, 0)
+    for ex in examples:
+        if isinstance(ex, SolverSequence):
+            pieces = [next(ids) for _ in ex.pieces]
+            _add_packed(out, pieces[0::2], pieces[1::2], eos, max_length, min_prompt_tokens)
+        else:
+            out.examples += 1
+            _add_example(out, next(ids), [*next(ids), eos], max_length, min_prompt_tokens)
     return out
+
+
+def _add_example(
+    out: TokenizedSet, p: list[int], t: list[int], max_length: int, min_prompt_tokens: int
+) -> None:
+    """One prompt + target (EOS included), its prompt start cut to fit or the pair dropped."""
+    room = max_length - len(t)
+    if len(p) > room:
+        if room < min_prompt_tokens:
+            out.dropped += 1
+            return
+        p = p[len(p) - room :]
+        out.truncated += 1
+    _append(out, p + t, [IGNORE_INDEX] * len(p) + t)
+
+
+def _append(out: TokenizedSet, ids: list[int], labels: list[int]) -> None:
+    out.input_ids.append(ids)
+    out.labels.append(labels)
+    out.tokens += len(ids)
+    out.target_tokens += sum(lab != IGNORE_INDEX for lab in labels)
+
+
+def _add_packed(
+    out: TokenizedSet,
+    contexts: list[list[int]],
+    targets: list[list[int]],
+    eos: int,
+    max_length: int,
+    min_prompt_tokens: int,
+) -> None:
+    """One problem's answers as few sequences as fit in `max_length`, each answer in its context.
+
+    A sequence starting at answer k begins with the whole k-th per-example prompt (problem and
+    every earlier step), then takes answers k, k+1, ... while they fit; answer j's end gets EOS
+    as label on the next context's first input token ("\n"), the last one a real EOS token. A
+    too-long problem is thus cut into several sequences, each answer still with exactly its own
+    context, rather than losing its last steps (which would teach the solver only early steps
+    of long problems). An answer whose own example does not fit is handled as in the
+    per-example form (prompt start cut, or dropped), so both forms train on the same pairs.
+    """
+    prefixes, acc = [], []  # prefixes[k]: the k-th per-example prompt's ids
+    for c, t in zip(contexts, targets, strict=True):
+        acc = acc + c
+        prefixes.append(acc)
+        acc = acc + t
+    n, k, before = len(targets), 0, len(out.input_ids)
+    out.examples += n
+    while k < n:
+        if len(prefixes[k]) + len(targets[k]) + 1 > max_length:
+            _add_example(out, prefixes[k], [*targets[k], eos], max_length, min_prompt_tokens)
+            k += 1
+            continue
+        ids = prefixes[k] + targets[k]
+        labels = [IGNORE_INDEX] * len(prefixes[k]) + targets[k]
+        k += 1
+        while k < n and len(ids) + len(contexts[k]) + len(targets[k]) + 1 <= max_length:
+            c, t = contexts[k], targets[k]
+            ids += c + t
+            labels += [eos] + [IGNORE_INDEX] * (len(c) - 1) + t
+            k += 1
+        _append(out, [*ids, eos], [*labels, eos])
+    out.split += len(out.input_ids) - before > 1
 
 
 def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:

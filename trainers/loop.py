@@ -84,7 +84,9 @@ def train_worker(config: dict[str, Any]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    examples, built = build_examples(read_accepted(cfg.data_paths), job.role)
+    examples, built = build_examples(
+        read_accepted(cfg.data_paths), job.role, packed=cfg.solver_examples == "packed"
+    )
     data = tokenize_examples(examples, tokenizer, cfg.max_length)
     if not len(data):
         raise ValueError(
