@@ -278,3 +278,14 @@ def test_without_optimizer_or_schedule_in_the_json_ours_are_used() -> None:
     }  # fmt: skip
     assert ds["scheduler"]["params"]["total_num_steps"] == 10
     assert src["optimizer.type"].startswith("ours") and src["zero_optimization.stage"] == "json"
+
+
+def test_solver_examples_default_to_packed(tmp_path: Path, capsys) -> None:
+    from trainers.config import TrainConfig
+
+    assert parse_config(TrainConfig, TRAIN).solver_examples == "packed"
+    cfg = parse_config(TrainConfig, [*TRAIN, "--solver-examples", "per-example"])
+    assert cfg.solver_examples == "per-example"
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, [*_yaml(tmp_path, "solver_examples: both\n"), *TRAIN])
+    assert "solver_examples: 'both' is not one of packed, per-example" in capsys.readouterr().err
