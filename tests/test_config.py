@@ -289,3 +289,25 @@ def test_solver_examples_default_to_packed(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         parse_config(TrainConfig, [*_yaml(tmp_path, "solver_examples: both\n"), *TRAIN])
     assert "solver_examples: 'both' is not one of packed, per-example" in capsys.readouterr().err
+
+
+def test_the_driver_reports_deepspeed_sources_when_it_reads_the_json(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`train.py`'s `run()` reads the JSON once on the driver: that is where the report shows."""
+    import json
+    import logging
+
+    from trainers.config import TrainConfig
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(USER_DS))
+    cfg = parse_config(TrainConfig, [*TRAIN, "--deepspeed", str(path), "--lr", "1e-5"])
+    with caplog.at_level(logging.INFO, logger="trainers"):
+        assert cfg.read_deepspeed() == USER_DS
+    report = caplog.text
+    assert f"DeepSpeed settings by source ({path})" in report
+    assert "optimizer.params.lr" in report and "overrides the JSON's 0.0003" in report
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        cfg.read_deepspeed()
