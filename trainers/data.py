@@ -226,7 +226,7 @@ class TokenizedSet:
     dropped: int  # target too long to fit even with the shortest allowed prompt
     tokens: int  # all tokens kept, prompt + target + EOS
     target_tokens: int  # tokens carrying loss
-    split: int = 0  # packed sequences longer than max_length, cut into several
+    split: int = 0  # problems whose packed sequence exceeded max_length, cut into several
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -255,6 +255,10 @@ def tokenize(
     cut target teaches the student to stop mid-answer without EOS. If fewer than
     `min_prompt_tokens` of prompt would remain (at least 1, so the first target token is
     predicted from something), the example is dropped and counted.
+
+    A `SolverSequence` gives one sequence (or, past `max_length`, a few) whose answers each see
+    exactly the tokens their per-example prompt gives: its pieces are encoded apart and joined,
+    so the ids are the per-example pieces by construction (see `_add_packed`).
     """
     eos = tokenizer.eos_token_id
     if eos is None:
