@@ -66,6 +66,7 @@ METHOD_ROLES = {
     "answer": ("answer",),
 }
 LABELS = {
+    "untrained": "Untrained students (decomposer + solver)",
     "iterative": "Socratic (decomposer + solver)",
     "unified": "Socratic, unified",
     "cot": "Chain of thought",
@@ -108,6 +109,7 @@ class QualityConfig:
     eval_actors: int = option(2, help="evaluation actors (one CPU each)")
     max_new_tokens: int | None = option(None, help="tokens per model call (default: from data)")
     calculator: str = option("both", help="on, off or both", choices=("on", "off", "both"))
+    untrained: bool = option(False, help="also score the untrained start weights (iterative)")
     num_cpus: int = option(4, help="logical CPUs of the local Ray cluster")
     ray_log: str | None = option(None, help="Ray's own log lines go here (default: OUTPUT/ray.log)")
 
@@ -177,9 +179,13 @@ def shared_data() -> Path:
 
 def split_names(cfg: QualityConfig) -> dict[str, str]:
     """{"in-length": split, "longer": split}; GSM8K has no longer split of its own."""
-    if cfg.dataset == "arith":
-        return {"in-length": "test", "longer": "long"}
-    return {"in-length": "test"}
+    if cfg.dataset != "arith":
+        return {"in-length": "test"}
+    from socratic.arith import ArithConfig
+
+    if ArithConfig.parse(cfg.dataset_config).n_long == 0:
+        return {"in-length": "test"}
+    return {"in-length": "test", "longer": "long"}
 
 
 def spec_kwargs(cfg: QualityConfig, split: str) -> dict[str, Any]:
@@ -329,6 +335,13 @@ def evaluate_all(cfg: QualityConfig, problems: dict[str, list[Any]], base: str) 
             summary = evaluate.run(ecfg)
             results += summary["results"]
             n = summary["problems"]
+        if cfg.untrained:  # the start weights as both students: what training has to beat
+            ecfg = replace(ecfg, methods="iterative", decomposer=base, solver=base,
+                           max_new_tokens=new_tokens_needed(cfg, problems[split], base,
+                                                            "iterative"),
+                           output=str(cfg.out / "eval" / split / "untrained"))  # fmt: skip
+            summary = evaluate.run(ecfg)
+            results += [{**r, "method": "untrained"} for r in summary["results"]]
         out[name] = {"results": results, "problems": n}
         say(f"  {name} ({split}, {n} problems): {time.perf_counter() - t:.1f} s")
     return out
@@ -341,8 +354,9 @@ def by_length(cfg: QualityConfig, problems: dict[str, list[Any]]) -> list[dict[s
     rows = []
     for split in split_names(cfg).values():
         n_ops = {p.id: len(p.steps) for p in problems[split]}
-        for method in cfg.method_list:
-            folder = cfg.out / "eval" / split / method / "predictions" / method
+        for method in cfg.method_list + (["untrained"] if cfg.untrained else []):
+            kind = "iterative" if method == "untrained" else method
+            folder = cfg.out / "eval" / split / method / "predictions" / kind
             cols = ["id", "calculator", "correct"]
             table = [r for f in sorted(folder.rglob("*.parquet"))
                      for r in pq.read_table(f, columns=cols).to_pylist()]  # fmt: skip
@@ -376,7 +390,7 @@ def table(cfg: QualityConfig, evals: dict[str, dict]) -> str:
     calcs = {"on": (True,), "off": (False,), "both": (True, False)}[cfg.calculator]
     head = "| method | calculator | " + " | ".join(f"{n} test" for n in names) + " |"
     lines = [head, "|---|---|" + "---|" * len(names)]
-    for method in cfg.method_list:
+    for method in (["untrained"] if cfg.untrained else []) + cfg.method_list:
         settings = [c for c in calcs if any(
             r["method"] == method and r["calculator"] == c for e in evals.values()
             for r in e["results"])] or [None]  # fmt: skip
@@ -425,7 +439,7 @@ def plot(cfg: QualityConfig, rows: list[dict[str, Any]], path: Path, train_ops: 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for method in cfg.method_list:
+    for method in cfg.method_list + (["untrained"] if cfg.untrained else []):
         mine = [r for r in rows if r["method"] == method]
         calc = True if any(r["calculator"] is True for r in mine) else None
         pts: dict[int, list[int]] = defaultdict(lambda: [0, 0])
@@ -456,15 +470,19 @@ def plot(cfg: QualityConfig, rows: list[dict[str, Any]], path: Path, train_ops: 
 # --- the run ---------------------------------------------------------------------------------
 
 
-def start_ray(cfg: QualityConfig) -> None:
-    """A fresh local cluster (never the user's: the benchmark shuts it down at the end)."""
+def start_ray(cfg: QualityConfig) -> bool:
+    """A fresh local cluster unless this process has one already (a test's, the demo's);
+    True when it is ours to shut down. Never the user's RAY_ADDRESS cluster."""
     import ray
 
+    if ray.is_initialized():
+        return False
     ray.init(address="local", num_cpus=cfg.num_cpus, log_to_driver=False,
              configure_logging=False, include_dashboard=False)  # fmt: skip
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
+    return True
 
 
 def run(cfg: QualityConfig) -> dict[str, Any]:
@@ -480,7 +498,7 @@ def run(cfg: QualityConfig) -> dict[str, Any]:
     say(f"data: {cfg.dataset} seed {cfg.seed}: {len(train_problems)} training problems "
           f"(1-{train_ops} operations); "
           + ", ".join(f"{s} {len(v)}" for s, v in problems.items()))  # fmt: skip
-    start_ray(cfg)
+    owns_ray = start_ray(cfg)
     try:
         t = time.perf_counter()
         ann = annotate_gold(cfg)
@@ -498,7 +516,8 @@ def run(cfg: QualityConfig) -> dict[str, Any]:
         evals = evaluate_all(cfg, problems, base)
         times["evaluate_s"] = round(time.perf_counter() - t, 1)
     finally:
-        ray.shutdown()
+        if owns_ray:
+            ray.shutdown()
     rows = by_length(cfg, problems)
     boundary = train_ops if cfg.dataset == "arith" else 0
     png = plot(cfg, rows, cfg.out / "accuracy_by_ops.png", boundary)
