@@ -90,7 +90,7 @@ class DemoConfig:
     arith_config: str = option(
         "ops=1-3,n_train=1000,n_test=50,n_long=0", help="stage 6: arith knobs (socratic/arith.py)"
     )
-    arith_budget_tokens: int = option(600_000, help="stage 6: training tokens per method")
+    arith_budget_tokens: int = option(1_000_000, help="stage 6: training tokens per method")
     arith_methods: str = option("iterative,answer", help="stage 6: methods to train and score")
     num_cpus: int = option(4, help="logical CPUs of the local Ray cluster")
 

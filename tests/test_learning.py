@@ -26,13 +26,12 @@ UNTRAINED_MAX = 5.0
 @pytest.mark.slow
 def test_trained_students_beat_untrained_ones_by_far(ray_cluster, tmp_path: Path) -> None:
     cfg = QualityConfig(
-        dataset_config="ops=2-2,operands=2-9,n_train=600,n_test=40,n_long=0",
+        dataset_config="ops=2-2,operands=2-9,n_train=1000,n_test=40,n_long=0",
         methods="iterative",
         untrained=True,
         calculator="on",
-        budget_tokens=300_000,
-        warmup_steps=20,
-        n_layer=2,
+        budget_tokens=1_500_000,
+        warmup_steps=50,
         eval_actors=1,
         eval_batch_size=40,
         output=str(tmp_path / "quality"),
