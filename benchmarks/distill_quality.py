@@ -94,7 +94,9 @@ class QualityConfig:
     n_layer: int = option(3, help="from-scratch student: layers")
     n_embd: int = option(128, help="from-scratch student: width")
     n_head: int = option(4, help="from-scratch student: attention heads")
-    n_positions: int = option(512, help="from-scratch student: context length")
+    n_positions: int = option(
+        1024, help="from-scratch student: context length (long-split histories grow past 512)"
+    )
     budget_tokens: int = option(1_500_000, help="training tokens per method (see the docstring)")
     batch_size: int = option(16, help="global batch (examples per optimizer step)")
     lr: float = option(1e-3, help="peak learning rate")
