@@ -18,10 +18,17 @@ Stages, each the project's real code on one local Ray cluster:
 4. serve: `serve/app.py` deploys Decomposer, Solver and the ingress; one problem goes through
    HTTP and its Socratic trace is printed.
 5. evaluate: `pipelines/evaluate.py` scores the sample's held-out problems -> accuracy table.
+6. learn: tiny students that do learn. GPT-2s from scratch (a tokenizer trained on the data)
+   train on gold decompositions of generated `arith` word problems (`socratic/arith.py`) with
+   the same annotate -> train -> evaluate stages, next to an answer-only student and the
+   untrained start weights: `benchmarks/distill_quality.py` at demo size, ending with its
+   accuracy table and a PNG of accuracy by number of operations.
 
-Every artifact stays under `--output` and the demo ends by listing where. A few training steps
-on 40 problems teach the format, not arithmetic: read the table as "the system runs end to end",
-not as the paper's numbers.
+Stages 1-5 show the real teacher and the real model plumbing on a 135M model; a few training
+steps on a handful of problems teach it the format, not arithmetic, so read their table as "the
+system runs end to end". Stage 6 is where learning shows. Every artifact stays under `--output`
+and the demo ends by listing where. The console shows our stage lines; Ray's, DeepSpeed's and
+the libraries' own output goes to `OUTPUT/demo.log` (its path is printed first).
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ from typing import Any
 if __package__ in (None, ""):  # `python pipelines/demo.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.distill_quality import QualityConfig, quiet_console, say
+from benchmarks.distill_quality import run as quality_run
 from pipelines import annotate, evaluate
 from socratic.adapters import DatasetSpec, load_problems
 from socratic.config import option, parse_config
@@ -62,10 +71,12 @@ class DemoConfig:
     student_base: str | None = option(
         None, help="start weights of both students (default: the local SmolLM2-135M-Instruct)"
     )
-    limit: int | None = option(None, help="use only the first N training problems")
-    eval_limit: int | None = option(None, help="evaluate only the first N held-out problems")
+    limit: int | None = option(
+        8, help="teacher-annotate only the first N training problems (SmolLM2 takes ~8 s each)"
+    )
+    eval_limit: int | None = option(4, help="evaluate only the first N held-out problems")
     teacher_max_tokens: int = option(256, help="max tokens per teacher reply")
-    train_steps: int = option(16, help="optimizer steps per student")
+    train_steps: int = option(8, help="optimizer steps per student")
     workers: int = option(2, help="Ray Train workers per student (ZeRO-2 over gloo on CPU)")
     micro_batch_size: int = option(2, help="examples per worker per step")
     max_length: int = option(320, help="max tokens per training example")
@@ -75,6 +86,12 @@ class DemoConfig:
         "both", help="evaluate with the calculator on, off or both", choices=("on", "off", "both")
     )
     port: int = option(8000, help="HTTP port of Ray Serve on 127.0.0.1")
+    arith: bool = option(True, help="stage 6: tiny students from scratch that learn arith")
+    arith_config: str = option(
+        "ops=1-3,n_train=1000,n_test=50,n_long=0", help="stage 6: arith knobs (socratic/arith.py)"
+    )
+    arith_budget_tokens: int = option(1_000_000, help="stage 6: training tokens per method")
+    arith_methods: str = option("iterative,answer", help="stage 6: methods to train and score")
     num_cpus: int = option(4, help="logical CPUs of the local Ray cluster")
 
     @property
@@ -102,12 +119,12 @@ class Stages:
         self._stop()
         self.k += 1
         self._name, self._t = name, time.perf_counter()
-        print(f"\n== [{self.k}/{self.total}] {name}: {what} ==", flush=True)
+        say(f"\n== [{self.k}/{self.total}] {name}: {what} ==")
 
     def _stop(self) -> None:
         if self._name:
             self.times[self._name] = round(time.perf_counter() - self._t, 1)
-            print(f"-- {self._name} done in {self.times[self._name]} s", flush=True)
+            say(f"-- {self._name} done in {self.times[self._name]} s")
             self._name = ""
 
     def finish(self) -> dict[str, float]:
@@ -119,7 +136,7 @@ def start_teacher(cfg: DemoConfig) -> tuple[str, str]:
     """(base_url, model name) of the teacher: the user's, or SmolLM2 served on this cluster."""
     if cfg.remote_teacher:
         url = cfg.base_url or "https://api.openai.com/v1"
-        print(f"teacher: {cfg.teacher_model} at {url}")
+        say(f"teacher: {cfg.teacher_model} at {url}")
         return cfg.base_url, cfg.teacher_model  # type: ignore[return-value]
     from ray import serve
 
@@ -133,7 +150,7 @@ def start_teacher(cfg: DemoConfig) -> tuple[str, str]:
         route_prefix="/teacher",
     )
     url = f"http://127.0.0.1:{cfg.port}/teacher/v1"
-    print(f"teacher: {name} from {model_dir}, served by Ray Serve at {url}")
+    say(f"teacher: {name} from {model_dir}, served by Ray Serve at {url}")
     return url, name
 
 
@@ -160,11 +177,11 @@ def annotate_sample(cfg: DemoConfig, base_url: str, model: str) -> dict[str, dic
             timeout=600.0,  # a CPU teacher answers a full batch in minutes, not seconds
         )
     )
-    print(annotate.format_summary(teacher))
+    say(annotate.format_summary(teacher))
     gold = annotate.run(
         annotate.AnnotateConfig(**common, output=str(cfg.out / "annotations" / "gold"), mode="gold")
     )
-    print(annotate.format_summary(gold))
+    say(annotate.format_summary(gold))
     return {"teacher": teacher, "gold": gold}
 
 
@@ -175,7 +192,7 @@ def train_students(cfg: DemoConfig, summaries: dict[str, dict[str, Any]]) -> lis
     data = [summaries["gold"]["output"]]
     if summaries["teacher"]["accepted"]:
         data.insert(0, summaries["teacher"]["output"])
-    print(
+    say(
         f"training data: {summaries['teacher']['accepted']} accepted teacher rows "
         f"({summaries['teacher']['teacher']}) + {summaries['gold']['accepted']} gold rows"
         + ("" if summaries["teacher"]["accepted"] else " (the teacher got none right)")
@@ -198,7 +215,7 @@ def train_students(cfg: DemoConfig, summaries: dict[str, dict[str, Any]]) -> lis
         num_workers=cfg.workers,
     )
     results = train.run(tcfg)
-    print(train.format_summary(results))
+    say(train.format_summary(results))
     return results
 
 
@@ -249,7 +266,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     from ray import serve
 
     cfg.out.mkdir(parents=True, exist_ok=True)
-    stages = Stages(6)
+    stages = Stages(7 if cfg.arith else 6)
     stages.start("cluster", f"a local Ray cluster ({cfg.num_cpus} logical CPUs)")
     # Always a fresh local cluster, even with RAY_ADDRESS set: the demo must never deploy onto,
     # or shut down Serve on, a cluster the user already runs.
@@ -272,7 +289,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         held_out = list(load_problems(DatasetSpec("sample", split="test")))
         reply = ask(cfg.port, held_out[0].question)
         trace = format_trace(held_out[0].question, reply, held_out[0].answer)
-        print(trace)
+        say(trace)
         serve.delete(STUDENT_APP)
 
         stages.start("evaluate", "the sample's held-out problems on Ray Data")
@@ -288,7 +305,13 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
             output=str(cfg.out / "eval"),
         )
         evaluation = evaluate.run(ecfg)
-        print(evaluate.format_summary(evaluation))
+        say(evaluate.format_summary(evaluation))
+        serve.shutdown()
+
+        learned = None
+        if cfg.arith:
+            stages.start("learn", "tiny students from scratch on generated arith problems")
+            learned = quality_run(arith_config(cfg))
     finally:
         serve.shutdown()
     times = stages.finish()
@@ -306,9 +329,24 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         "reply": reply,
         "results_md": evaluate.results_markdown(evaluation),
         "evaluation": str(cfg.out / "eval"),
+        "arith": learned and {k: learned[k] for k in ("table_md", "png", "targets", "figures",
+                                                       "times_s")},  # fmt: skip
     }
     (cfg.out / "demo.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def arith_config(cfg: DemoConfig) -> QualityConfig:
+    """Stage 6 as `benchmarks/distill_quality.py` runs it, sized for the demo."""
+    return QualityConfig(
+        dataset="arith",
+        dataset_config=cfg.arith_config,
+        output=str(cfg.out / "arith"),
+        methods=cfg.arith_methods,
+        budget_tokens=cfg.arith_budget_tokens,
+        untrained=True,
+        calculator="on",
+    )
 
 
 def format_report(r: dict[str, Any], out: Path) -> str:
@@ -328,7 +366,12 @@ def format_report(r: dict[str, Any], out: Path) -> str:
         *(f"  {role:<14} {path}" for role, path in r["students"].items()),
         f"  checkpoints    {out / 'ray_results'}",
         f"  predictions    {r['evaluation']}/predictions  (table: {r['evaluation']}/results.md)",
+        *([f"  arith (stage 6) {out / 'arith'}  (PNG: {r['arith']['png']})"] if r["arith"] else []),
         f"  this summary   {out / 'demo.json'}",
+        f"  logs           {out / 'demo.log'}  (Ray, DeepSpeed, libraries)",
+        *(["", "== stage 6: tiny students from scratch on arith (accuracy %, calculator on) ==",
+           r["arith"]["table_md"], f"accuracy by number of operations: {r['arith']['png']}"]
+          if r["arith"] else []),
         "",
         "time per stage: " + ", ".join(f"{k} {v} s" for k, v in r["times_s"].items())
         + f"; total {r['total_s']} s",
@@ -340,8 +383,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = parse_config(DemoConfig, argv)
-    result = run(cfg)
-    print(format_report(result, cfg.out))
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    log_path = cfg.out / "demo.log"
+    say(f"Ray's, DeepSpeed's and the libraries' own output goes to {log_path}")
+    with quiet_console(log_path):
+        result = run(cfg)
+        say(format_report(result, cfg.out))
     return 0
 
 

@@ -25,6 +25,9 @@ What each dataset gives:
   with the facts left over and "So the answer is yes/no." Where a record has fewer facts than
   intermediate sub-questions, the sub-questions with no fact are left out of its steps (counted
   in `LoadStats.unanswered_steps_dropped`).
+* **arith**: generated, seeded GSM8K-style word problems with gold Socratic steps
+  (`socratic/arith.py`); `config` holds its knobs (`ops=1-4,operands=2-12,...`), `seed` picks
+  the problems, and the splits `train`, `test` and `long` have disjoint texts.
 * **sample**: 40 problems with Socratic steps written for this project (`socratic/sample/`), 32
   train and 8 test, for the demo and quick tests.
 
@@ -48,7 +51,7 @@ from socratic.answers import normalize_answer
 from socratic.formats import clean
 from socratic.records import Problem, Step
 
-DATASETS = ("gsm8k", "svamp", "strategyqa", "sample")
+DATASETS = ("gsm8k", "svamp", "strategyqa", "sample", "arith")
 HUB_IDS = {
     "gsm8k": "openai/gsm8k",
     "svamp": "ChilleD/SVAMP",
@@ -426,9 +429,21 @@ def _load_sample(spec: DatasetSpec) -> Iterator[Problem]:
         )
 
 
+# --- arith, the generated family ---------------------------------------------------------------
+
+
+def _load_arith(spec: DatasetSpec) -> Iterator[Problem]:
+    from socratic.arith import ArithConfig, generate
+
+    if spec.path:
+        raise ValueError("arith is generated from its config and seed; it reads no --path")
+    yield from generate(ArithConfig.parse(spec.config), spec.seed, spec.split)
+
+
 _ADAPTERS: dict[str, Callable[[DatasetSpec], Iterator[Problem]]] = {
     "gsm8k": _load_gsm8k,
     "svamp": _load_svamp,
     "strategyqa": _load_strategyqa,
     "sample": _load_sample,
+    "arith": _load_arith,
 }

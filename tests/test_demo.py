@@ -3,7 +3,9 @@
 Every stage is the real one - its own local Ray cluster, annotation over HTTP through the real
 `openai` client, Ray Train + DeepSpeed ZeRO-2 on 2 workers, export, Ray Serve answering HTTP,
 Ray Data evaluation - with the tiny student and the local OpenAI-protocol test server as the
-teacher (some of its answers made wrong, so rejected rows must show up and be kept).
+teacher (some of its answers made wrong, so rejected rows must show up and be kept), then
+stage 6 (tiny students from scratch on generated arith problems) at a token-sized budget: it
+checks the path and the outputs, not the learning (tests/test_learning.py does that).
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ def test_demo_runs_every_stage(tiny_model_dir: Path, tmp_path: Path) -> None:
              "--base-url", teacher.base_url, "--teacher-model", "test-teacher",
              "--student-base", str(tiny_model_dir), "--limit", "6", "--eval-limit", "3",
              "--train-steps", "2", "--workers", "2", "--max-length", "256",
-             "--max-new-tokens", "12", "--port", str(_free_port())],
+             "--max-new-tokens", "12", "--port", str(_free_port()),
+             "--arith-config", "ops=1-2,long_ops=3-3,n_train=60,n_test=6,n_long=4",
+             "--arith-budget-tokens", "4000"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
         )  # fmt: skip
         calls = teacher.stats()["requests"]
@@ -55,7 +59,11 @@ def test_demo_runs_every_stage(tiny_model_dir: Path, tmp_path: Path) -> None:
 
     result = json.loads((out / "demo.json").read_text())
     assert list(result["times_s"]) == ["cluster", "teacher", "annotate", "train", "serve",
-                                       "evaluate"]  # fmt: skip
+                                       "evaluate", "learn"]  # fmt: skip
+    # The console holds our lines; Ray's own output went to the log file it names.
+    log_file = out / "demo.log"
+    assert f"output goes to {log_file}" in proc.stdout
+    assert "streaming_executor" not in proc.stdout and "streaming_executor" in log_file.read_text()
     # Annotation: the teacher's 6 rows with 2 rejected and kept, and the gold rows beside them.
     teacher_rows = [r for f in (out / "annotations" / "teacher").glob("*.parquet")
                     for r in pq.read_table(f).to_pylist()]  # fmt: skip
@@ -87,3 +95,11 @@ def test_demo_runs_every_stage(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert (out / "eval" / "results.md").read_text() == result["results_md"]
     assert "| Socratic, decomposer + solver | on |" in result["results_md"]
     assert "== where everything is ==" in proc.stdout
+
+    # Stage 6: the arith students' table (untrained, Socratic, answer-only) and the PNG.
+    arith = result["arith"]
+    for label in ("Untrained students", "Socratic (decomposer + solver)", "Answer only"):
+        assert f"| {label}" in arith["table_md"] and f"| {label}" in proc.stdout
+    png = Path(arith["png"])
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+    assert str(png) in proc.stdout

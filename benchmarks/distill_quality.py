@@ -1,0 +1,581 @@
+"""Distillation quality: every method's students trained on the same problems, then scored.
+
+    .venv/bin/python benchmarks/distill_quality.py --seed 0 --json outputs/bench/quality.json
+    python benchmarks/distill_quality.py --dataset gsm8k --base-model DIR --use-gpu   # real data
+
+What it does, in one process and one local Ray cluster:
+
+1. Data: `arith` (generated, `socratic/arith.py`; `--dataset-config` sets its knobs) or the real
+   GSM8K socratic files (`--dataset gsm8k`, from `$SOCRATIC_SHARED_DATA`, default
+   `../shared/data`). The training split goes through `pipelines/annotate.py --mode gold`, so the
+   students train on exactly the Parquet a teacher run would write.
+2. Students: with no `--base-model`, a GPT-2 from scratch (`--n-layer` x `--n-embd`) with a
+   tokenizer trained on the data (one token per word, digit and symbol: `trainers/scratch.py`),
+   every role starting from the same weights. With `--base-model DIR`, that model.
+3. Training: `trainers.train.run` (Ray Train + DeepSpeed ZeRO-2), one run per role:
+   decomposer + solver (the Socratic pair, "iterative"), unified, cot and answer-only.
+   AdamW lr 1e-3, 50 warm-up steps, clip 1.0, global batch 16 (ENVIRONMENT.md "Tiny students
+   from scratch").
+4. Evaluation: `pipelines.evaluate.run` on the in-length test split and the longer split
+   (`long`: more operations than any training problem), calculator on and off where the method
+   has it (today: the iterative pair; one-pass methods are scored as written, `n/a`).
+5. Output: a paper-shaped table (method x {in-length, longer} x calculator), accuracy by number
+   of operations as a PNG (one line per method), target lines, and `--json` with every figure.
+
+Token budget, the same for every method: each method may train on `--budget-tokens` tokens,
+counting every token of every example it sees (prompt + target + EOS, padding excluded), which
+is what a training step costs. A role's steps are the budget / (global batch x its mean example
+length); the Socratic pair shares one budget between its two students in proportion to their
+data, so both see the data the same number of times. Answer-only examples are short, so it sees
+each problem many more times than the others: the budget is compute, not epochs. The tokens each
+run really trained on come back from the trainer and are in the JSON.
+
+It always exits 0 on a completed run: it measures, it does not test.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):
+    sys.path.insert(0, str(REPO))
+
+from socratic.adapters import DatasetSpec, load_problems  # noqa: E402
+from socratic.config import option, parse_config  # noqa: E402
+from socratic.formats import examples_for  # noqa: E402
+
+log = logging.getLogger("distill_quality")
+
+METHOD_ROLES = {
+    "iterative": ("decomposer", "solver"),
+    "unified": ("unified",),
+    "cot": ("cot",),
+    "answer": ("answer",),
+}
+LABELS = {
+    "untrained": "Untrained students (decomposer + solver)",
+    "iterative": "Socratic (decomposer + solver)",
+    "unified": "Socratic, unified",
+    "cot": "Chain of thought",
+    "answer": "Answer only",
+}
+TARGET_SOCRATIC = 90.0  # % on the in-length test, calculator on
+TARGET_GAP = 30.0  # points, Socratic minus answer-only on the in-length test
+GSM8K_FILES = {"train": "gsm8k/train_socratic.jsonl", "test": "gsm8k/test_socratic.jsonl"}
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """Train every method's students on the same problems and score them (calculator on/off)."""
+
+    dataset: str = option("arith", help="arith (generated) or gsm8k (the real socratic files)",
+                          choices=("arith", "gsm8k"))  # fmt: skip
+    dataset_config: str | None = option(
+        None, help="arith knobs, e.g. ops=1-4,long_ops=5-6,n_train=2000 (socratic/arith.py)"
+    )
+    seed: int = option(0, help="seed of the problems, the initial weights and the data order")
+    output: str = option("outputs/bench/distill_quality", help="where every artifact goes")
+    json: str | None = option(None, help="write every figure to this JSON file")
+    methods: str = option("iterative,unified,cot,answer", help="methods to train and score")
+    base_model: str | None = option(None, help="start weights (default: a GPT-2 from scratch)")
+    n_layer: int = option(3, help="from-scratch student: layers")
+    n_embd: int = option(128, help="from-scratch student: width")
+    n_head: int = option(4, help="from-scratch student: attention heads")
+    n_positions: int = option(
+        1024, help="from-scratch student: context length (long-split histories grow past 512)"
+    )
+    budget_tokens: int = option(1_500_000, help="training tokens per method (see the docstring)")
+    batch_size: int = option(16, help="global batch (examples per optimizer step)")
+    lr: float = option(1e-3, help="peak learning rate")
+    warmup_steps: int = option(50, help="linear warm-up steps")
+    max_length: int = option(512, help="max tokens per training example")
+    workers: int = option(1, help="Ray Train workers per role")
+    concurrent: int = option(2, help="roles training at the same time")
+    use_gpu: bool = option(False, help="train (and evaluate) on GPUs: NCCL, bf16")
+    train_limit: int | None = option(None, help="train on the first N training problems only")
+    eval_limit: int | None = option(None, help="score only the first N problems of each split")
+    eval_batch_size: int = option(50, help="problems per evaluation batch")
+    eval_actors: int = option(2, help="evaluation actors (one CPU each)")
+    max_new_tokens: int | None = option(None, help="tokens per model call (default: from data)")
+    calculator: str = option("both", help="on, off or both", choices=("on", "off", "both"))
+    untrained: bool = option(False, help="also score the untrained start weights (iterative)")
+    num_cpus: int = option(4, help="logical CPUs of the local Ray cluster")
+    ray_log: str | None = option(None, help="Ray's own log lines go here (default: OUTPUT/ray.log)")
+
+    @property
+    def method_list(self) -> list[str]:
+        out = [m.strip() for m in self.methods.split(",") if m.strip()]
+        bad = [m for m in out if m not in METHOD_ROLES]
+        if bad or not out:
+            raise ValueError(f"--methods: unknown {bad}; choose from {', '.join(METHOD_ROLES)}")
+        return out
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output).resolve()
+
+
+# --- the console: our lines there, everything else in a log file ------------------------------
+
+_console: Any = None  # the real console while `quiet_console` holds fd 1 and 2
+
+
+def say(*parts: Any) -> None:
+    """A progress line on the console (and in the log file, when one holds the output)."""
+    text = " ".join(str(p) for p in parts)
+    if _console is not None:
+        _console.write(text + "\n")
+        _console.flush()
+    print(text, flush=True)
+
+
+@contextmanager
+def quiet_console(log_path: str | Path) -> Iterator[Path]:
+    """Send fd 1 and 2 to `log_path`, so that Ray, DeepSpeed and every library write there
+    (processes Ray starts inherit them), while `say` still reaches the console.
+
+    Why file descriptors: Ray's C++ core, its raylet and Ray Data print to them directly, and
+    Ray Data installs its own logging handlers after any logging set-up of ours."""
+    global _console
+    path = Path(log_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    _console = os.fdopen(os.dup(1), "w", buffering=1)
+    with path.open("a", buffering=1) as log_file:
+        os.dup2(log_file.fileno(), 1)
+        os.dup2(log_file.fileno(), 2)
+        try:
+            yield path
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            _console.close()
+            _console = None
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def shared_data() -> Path:
+    return Path(os.environ.get("SOCRATIC_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def split_names(cfg: QualityConfig) -> dict[str, str]:
+    """{"in-length": split, "longer": split}; GSM8K has no longer split of its own."""
+    if cfg.dataset != "arith":
+        return {"in-length": "test"}
+    from socratic.arith import ArithConfig
+
+    if ArithConfig.parse(cfg.dataset_config).n_long == 0:
+        return {"in-length": "test"}
+    return {"in-length": "test", "longer": "long"}
+
+
+def spec_kwargs(cfg: QualityConfig, split: str) -> dict[str, Any]:
+    """The dataset options (as annotate/evaluate take them) that name one split."""
+    if cfg.dataset == "arith":
+        return {"dataset": "arith", "split": split, "dataset_config": cfg.dataset_config,
+                "seed": cfg.seed}  # fmt: skip
+    path = shared_data() / GSM8K_FILES["train" if split == "train" else "test"]
+    if not path.is_file():
+        raise FileNotFoundError(f"--dataset gsm8k: {path} not found (set SOCRATIC_SHARED_DATA)")
+    return {"dataset": "gsm8k", "split": split, "path": str(path), "dataset_config": "socratic"}
+
+
+def problems_of(cfg: QualityConfig, split: str, limit: int | None) -> list[Any]:
+    kw = spec_kwargs(cfg, split)
+    spec = DatasetSpec(
+        kw["dataset"], split=split, path=kw.get("path"), config=kw.get("dataset_config"),
+        seed=kw.get("seed", 0), limit=limit,
+    )  # fmt: skip
+    return list(load_problems(spec))
+
+
+def role_texts(problems: Sequence[Any], role: str) -> list[tuple[str, str]]:
+    """(prompt, target) of every example a role trains on, from the formats module."""
+    out = []
+    for p in problems:
+        if not p.steps:
+            continue
+        for ex in examples_for(
+            role, problem=p.question, steps=p.steps, solution=p.solution, answer=p.answer
+        ):
+            out.append((ex.prompt, ex.target))
+    return out
+
+
+# --- stages ----------------------------------------------------------------------------------
+
+
+def annotate_gold(cfg: QualityConfig) -> dict[str, Any]:
+    from pipelines import annotate
+
+    kw = spec_kwargs(cfg, "train")
+    return annotate.run(
+        annotate.AnnotateConfig(**kw, limit=cfg.train_limit, mode="gold",
+                                output=str(cfg.out / "annotations"))  # fmt: skip
+    )
+
+
+def build_base(cfg: QualityConfig, problems: Sequence[Any]) -> str:
+    """The students' start weights: `--base-model`, or a from-scratch GPT-2 + its tokenizer."""
+    if cfg.base_model:
+        return cfg.base_model
+    from trainers.scratch import build_student
+
+    roles = {r for m in cfg.method_list for r in METHOD_ROLES[m]}
+    texts = [p + t for role in sorted(roles) for p, t in role_texts(problems, role)]
+    return str(build_student(cfg.out / "base", texts, n_layer=cfg.n_layer, n_embd=cfg.n_embd,
+                             n_head=cfg.n_head, n_positions=cfg.n_positions,
+                             seed=cfg.seed))  # fmt: skip
+
+
+def plan_steps(cfg: QualityConfig, problems: Sequence[Any], base: str) -> dict[str, dict]:
+    """Steps per role under the same token budget per method (see the module docstring)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    plan: dict[str, dict] = {}
+    for method in cfg.method_list:
+        epoch_tokens = {}
+        for role in METHOD_ROLES[method]:
+            texts = role_texts(problems, role)
+            lengths = tok([p + t for p, t in texts], add_special_tokens=False)["input_ids"]
+            n = [min(len(x) + 1, cfg.max_length) for x in lengths]
+            epoch_tokens[role] = (sum(n), len(n))
+        total = sum(t for t, _ in epoch_tokens.values())
+        for role, (tokens, examples) in epoch_tokens.items():
+            share = cfg.budget_tokens * tokens / total
+            mean = tokens / examples
+            steps = max(cfg.warmup_steps + 1, math.ceil(share / (cfg.batch_size * mean)))
+            plan[role] = {"method": method, "budget_tokens": round(share), "examples": examples,
+                          "mean_tokens": round(mean, 1), "steps": steps,
+                          "epochs": round(steps * cfg.batch_size / examples, 2)}  # fmt: skip
+    return plan
+
+
+def train_all(cfg: QualityConfig, data: str, base: str, plan: dict[str, dict]) -> list[dict]:
+    """One `trainers.train.run` per role (its own step count), `--concurrent` at a time."""
+    from trainers import train
+    from trainers.config import TRAINERS_DIR, TrainConfig
+
+    micro = max(1, cfg.batch_size // cfg.workers)
+    common = TrainConfig(
+        data=data, base_model=base, roles="decomposer", output=str(cfg.out / "students"),
+        storage_path=str(cfg.out / "ray_results"), run_name=f"quality-s{cfg.seed}",
+        deepspeed=str(TRAINERS_DIR / "ds_zero2.json"), bf16=cfg.use_gpu,
+        max_length=cfg.max_length, micro_batch_size=micro, lr=cfg.lr,
+        warmup_steps=cfg.warmup_steps, grad_clip=1.0, seed=cfg.seed, log_every=25,
+        num_workers=cfg.workers, use_gpu=cfg.use_gpu, cpus_per_worker=1.0,
+    )  # fmt: skip
+
+    def one(role: str) -> dict:
+        steps = plan[role]["steps"]
+        tcfg = replace(common, roles=role, max_steps=steps, checkpoint_every=steps)
+        say(f"  training {role}: {steps} steps ({plan[role]['epochs']} epochs)")
+        (r,) = train.run(tcfg)
+        say(f"  {role}: {r['steps']} steps, {r['tokens']} tokens, loss {r['final_loss']:.4f}, "
+              f"{r['train_s']} s training ({r['wall_s']} s with start-up)")  # fmt: skip
+        return r
+
+    order = sorted(plan, key=lambda role: -plan[role]["steps"] * plan[role]["mean_tokens"])
+    with ThreadPoolExecutor(max_workers=max(1, cfg.concurrent)) as pool:
+        return list(pool.map(one, order))
+
+
+def new_tokens_needed(cfg: QualityConfig, problems: Sequence[Any], base: str, method: str) -> int:
+    """Tokens per model call for one method: its longest gold target, plus a quarter."""
+    from transformers import AutoTokenizer
+
+    if cfg.max_new_tokens:
+        return cfg.max_new_tokens
+    tok = AutoTokenizer.from_pretrained(base)
+    longest = 0
+    for role in METHOD_ROLES[method]:
+        targets = [t for _, t in role_texts(problems, role)]
+        if targets:
+            longest = max(longest, max(len(x) for x in tok(targets)["input_ids"]))
+    return int(longest * 1.25) + 8
+
+
+def evaluate_all(cfg: QualityConfig, problems: dict[str, list[Any]], base: str) -> dict[str, dict]:
+    """`pipelines.evaluate.run` per split and method (each method its own token limit, so a
+    student that never stops costs its own length, not the longest method's)."""
+    from pipelines import evaluate
+
+    out = {}
+    for name, split in split_names(cfg).items():
+        results: list[dict] = []
+        t = time.perf_counter()
+        for method in cfg.method_list:
+            ecfg = evaluate.EvaluateConfig(
+                **spec_kwargs(cfg, split), limit=cfg.eval_limit, methods=method,
+                models=str(cfg.out / "students"), calculator=cfg.calculator,
+                max_new_tokens=new_tokens_needed(cfg, problems[split], base, method),
+                batch_size=cfg.eval_batch_size, actors=cfg.eval_actors, actor_cpus=1.0,
+                num_threads=1, output=str(cfg.out / "eval" / split / method),
+            )  # fmt: skip
+            summary = evaluate.run(ecfg)
+            results += summary["results"]
+            n = summary["problems"]
+        if cfg.untrained:  # the start weights as both students: what training has to beat
+            ecfg = replace(ecfg, methods="iterative", decomposer=base, solver=base,
+                           max_new_tokens=new_tokens_needed(cfg, problems[split], base,
+                                                            "iterative"),
+                           output=str(cfg.out / "eval" / split / "untrained"))  # fmt: skip
+            summary = evaluate.run(ecfg)
+            results += [{**r, "method": "untrained"} for r in summary["results"]]
+        out[name] = {"results": results, "problems": n}
+        say(f"  {name} ({split}, {n} problems): {time.perf_counter() - t:.1f} s")
+    return out
+
+
+def by_length(cfg: QualityConfig, problems: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Accuracy per (method, calculator, number of operations), from the predictions Parquet."""
+    import pyarrow.parquet as pq
+
+    rows = []
+    for split in split_names(cfg).values():
+        n_ops = {p.id: len(p.steps) for p in problems[split]}
+        for method in cfg.method_list + (["untrained"] if cfg.untrained else []):
+            kind = "iterative" if method == "untrained" else method
+            folder = cfg.out / "eval" / split / method / "predictions" / kind
+            cols = ["id", "calculator", "correct"]
+            table = [r for f in sorted(folder.rglob("*.parquet"))
+                     for r in pq.read_table(f, columns=cols).to_pylist()]  # fmt: skip
+            groups: dict[tuple, list[bool]] = defaultdict(list)
+            for r in table:
+                groups[(r["calculator"], n_ops.get(r["id"], 0))].append(bool(r["correct"]))
+            for (calc, n), hits in sorted(groups.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+                rows.append({"split": split, "method": method, "calculator": calc, "ops": n,
+                             "problems": len(hits), "correct": sum(hits),
+                             "accuracy": round(100 * sum(hits) / len(hits), 2)})  # fmt: skip
+    return rows
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def accuracy(
+    evals: dict[str, dict], name: str, method: str, calculator: bool | None
+) -> dict | None:
+    """The summary row of (split name, method, calculator); a one-pass method scored as written
+    (calculator None) stands for both settings."""
+    if name not in evals:
+        return None
+    rows = [r for r in evals[name]["results"] if r["method"] == method]
+    exact = [r for r in rows if r["calculator"] == calculator]
+    return (exact or [r for r in rows if r["calculator"] is None] or [None])[0]
+
+
+def table(cfg: QualityConfig, evals: dict[str, dict]) -> str:
+    names = list(split_names(cfg))
+    calcs = {"on": (True,), "off": (False,), "both": (True, False)}[cfg.calculator]
+    head = "| method | calculator | " + " | ".join(f"{n} test" for n in names) + " |"
+    lines = [head, "|---|---|" + "---|" * len(names)]
+    for method in (["untrained"] if cfg.untrained else []) + cfg.method_list:
+        settings = [c for c in calcs if any(
+            r["method"] == method and r["calculator"] == c for e in evals.values()
+            for r in e["results"])] or [None]  # fmt: skip
+        for calc in settings:
+            cells = []
+            for n in names:
+                r = accuracy(evals, n, method, calc)
+                cells.append(f"{r['accuracy']:.1f} ({r['correct']}/{r['problems']})" if r else "")
+            label = "n/a" if calc is None else ("on" if calc else "off")
+            lines.append(f"| {LABELS[method]} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def target_lines(cfg: QualityConfig, evals: dict[str, dict]) -> tuple[list[str], dict[str, Any]]:
+    lines, figures = [], {}
+    soc = accuracy(evals, "in-length", "iterative", True)
+    ans = accuracy(evals, "in-length", "answer", True)
+    if soc:
+        v = soc["accuracy"]
+        figures["socratic_calculator_on_in_length"] = v
+        verdict = "MET" if v >= TARGET_SOCRATIC else "MISSED"
+        lines.append(f"Socratic, calculator on, in-length test: {v:.1f} % "
+                     f"(target >= {TARGET_SOCRATIC:.0f} %: {verdict})")  # fmt: skip
+    if soc and ans:
+        gap = soc["accuracy"] - ans["accuracy"]
+        figures["socratic_minus_answer_in_length_points"] = round(gap, 2)
+        verdict = "MET" if gap >= TARGET_GAP else "MISSED"
+        lines.append(f"Socratic minus answer-only, in-length test: {gap:.1f} points "
+                     f"(target >= {TARGET_GAP:.0f} points: {verdict})")  # fmt: skip
+    for method in cfg.method_list:
+        for calc in (True, False):
+            r = accuracy(evals, "longer", method, calc)
+            if r and (calc or r["calculator"] is not None):
+                c = "n/a" if r["calculator"] is None else ("on" if calc else "off")
+                lines.append(f"{LABELS[method]}, calculator {c}, longer test (measured, no "
+                             f"target): {r['accuracy']:.1f} %")  # fmt: skip
+    return lines, figures
+
+
+def plot(cfg: QualityConfig, rows: list[dict[str, Any]], path: Path, train_ops: int) -> Path:
+    """Accuracy against number of operations, one line per method (calculator on where the
+    method has it); a dashed line marks the longest training problem."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for method in cfg.method_list + (["untrained"] if cfg.untrained else []):
+        mine = [r for r in rows if r["method"] == method]
+        calc = True if any(r["calculator"] is True for r in mine) else None
+        pts: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+        for r in mine:
+            if r["calculator"] is calc:
+                pts[r["ops"]][0] += r["correct"]
+                pts[r["ops"]][1] += r["problems"]
+        xs = sorted(pts)
+        ys = [100 * pts[x][0] / pts[x][1] for x in xs]
+        suffix = ", calculator on" if calc else ""
+        ax.plot(xs, ys, marker="o", label=LABELS[method] + suffix)
+    if train_ops:
+        ax.axvline(train_ops + 0.5, color="grey", linestyle="--", linewidth=1)
+        ax.text(train_ops + 0.6, 95, "longer than training", fontsize=8, color="grey", va="top")
+    ax.set_xlabel("number of operations (gold steps)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-3, 103)
+    ax.set_title(f"Tiny students on {cfg.dataset} (seed {cfg.seed}): accuracy by problem length")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def start_ray(cfg: QualityConfig) -> bool:
+    """A fresh local cluster unless this process has one already (a test's, the demo's);
+    True when it is ours to shut down. Never the user's RAY_ADDRESS cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(address="local", num_cpus=cfg.num_cpus, log_to_driver=False,
+             configure_logging=False, include_dashboard=False)  # fmt: skip
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    return True
+
+
+def run(cfg: QualityConfig) -> dict[str, Any]:
+    """Every stage; returns every figure (also written to `--json`)."""
+    import ray
+
+    t0 = time.perf_counter()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {}
+    train_problems = problems_of(cfg, "train", cfg.train_limit)
+    problems = {s: problems_of(cfg, s, cfg.eval_limit) for s in split_names(cfg).values()}
+    train_ops = max(len(p.steps) for p in train_problems)
+    say(f"data: {cfg.dataset} seed {cfg.seed}: {len(train_problems)} training problems "
+          f"(1-{train_ops} operations); "
+          + ", ".join(f"{s} {len(v)}" for s, v in problems.items()))  # fmt: skip
+    owns_ray = start_ray(cfg)
+    try:
+        t = time.perf_counter()
+        ann = annotate_gold(cfg)
+        times["annotate_s"] = round(time.perf_counter() - t, 1)
+        say(f"gold annotations: {ann['accepted']} accepted of {ann['rows']} -> {ann['output']}")
+        base = build_base(cfg, train_problems)
+        plan = plan_steps(cfg, train_problems, base)
+        say(f"students from {'scratch' if not cfg.base_model else base}; budget "
+              f"{cfg.budget_tokens} tokens per method")  # fmt: skip
+        t = time.perf_counter()
+        trained = train_all(cfg, ann["output"], base, plan)
+        times["train_s"] = round(time.perf_counter() - t, 1)
+        say("evaluating (Ray Data):")
+        t = time.perf_counter()
+        evals = evaluate_all(cfg, problems, base)
+        times["evaluate_s"] = round(time.perf_counter() - t, 1)
+    finally:
+        if owns_ray:
+            ray.shutdown()
+    rows = by_length(cfg, problems)
+    boundary = train_ops if cfg.dataset == "arith" else 0
+    png = plot(cfg, rows, cfg.out / "accuracy_by_ops.png", boundary)
+    md = table(cfg, evals)
+    lines, figures = target_lines(cfg, evals)
+    times["total_s"] = round(time.perf_counter() - t0, 1)
+    tokens_by_method: dict[str, int] = defaultdict(int)
+    for r in trained:
+        tokens_by_method[plan[r["role"]]["method"]] += int(r["tokens"] or 0)
+    result = {
+        "config": asdict(cfg),
+        "times_s": times,
+        "plan": plan,
+        "training": trained,
+        "trained_tokens_by_method": dict(tokens_by_method),
+        "evaluation": {n: e["results"] for n, e in evals.items()},
+        "by_ops": rows,
+        "table_md": md,
+        "targets": lines,
+        "figures": figures,
+        "png": str(png),
+    }
+    (cfg.out / "quality.json").write_text(json.dumps(result, indent=2, default=str))
+    if cfg.json:
+        Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.json).write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+def report(r: dict[str, Any]) -> str:
+    tokens = ", ".join(f"{m} {t}" for m, t in r["trained_tokens_by_method"].items())
+    return "\n".join(
+        ["", "== accuracy (%) ==", r["table_md"], "",
+         f"trained tokens per method: {tokens}",
+         f"accuracy by number of operations: {r['png']}",
+         "time: " + ", ".join(f"{k} {v}" for k, v in r["times_s"].items()), "",
+         *r["targets"]]  # fmt: skip
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    cfg = parse_config(QualityConfig, argv)
+    cfg.method_list  # noqa: B018 (validates --methods before anything starts)
+    log_path = Path(cfg.ray_log) if cfg.ray_log else cfg.out / "ray.log"
+    say(f"Ray's, DeepSpeed's and the libraries' own output: {log_path}")
+    with quiet_console(log_path):
+        result = run(cfg)
+        say(report(result))
+    return 0
+
+
+if __name__ == "__main__":
+    from benchmarks.distill_quality import main as _main
+
+    sys.exit(_main())
