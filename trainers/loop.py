@@ -158,33 +158,41 @@ def eval_batches(data: TokenizedSet, cfg: TrainConfig, pad_id: int, rank: int, w
 # --- engine ---------------------------------------------------------------------------------------
 
 
-def build_engine(job: RoleJob, plan: DevicePlan, world: int, total_steps: int):
-    """The model, loaded straight into ZeRO-3 partitions under stage 3, inside DeepSpeed.
+def load_model(cfg: TrainConfig, ds_config: dict[str, Any]) -> tuple[Any, Any]:
+    """The base model, loaded straight into ZeRO-3 partitions under stage 3.
 
-    Under stage 3 an `HfDeepSpeedConfig` alive during `from_pretrained` makes transformers load
-    inside `deepspeed.zero.Init`, so no rank ever holds the whole model (a GPT-2-large student
-    would otherwise sit whole on every GPU first). Returns (engine, scheduler).
+    An `HfDeepSpeedConfig` alive during `from_pretrained` makes transformers load inside
+    `deepspeed.zero.Init`, so no rank ever holds the whole model (a GPT-2-large student would
+    otherwise sit whole on every GPU first). Returns (model, that config object), which the
+    caller keeps alive until `deepspeed.initialize` (transformers reads it through a weakref).
     """
-    import deepspeed
     import torch
     from transformers import AutoModelForCausalLM
 
-    cfg = job.cfg
-    ds_config = cfg.deepspeed_config(
-        world_size=world, total_steps=total_steps, on_gpu=plan.on_gpu, base=job.deepspeed
-    )
     keep_alive = None
     if ds_config.get("zero_optimization", {}).get("stage") == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
-        keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 - read through a weakref
+        keep_alive = HfDeepSpeedConfig(ds_config)
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=dtype)
     model.config.use_cache = False  # no KV cache while training
+    return model, keep_alive
+
+
+def build_engine(job: RoleJob, plan: DevicePlan, world: int, total_steps: int):
+    """(DeepSpeed engine, LR scheduler) for the role, from the driver's DeepSpeed JSON."""
+    import deepspeed
+
+    ds_config = job.cfg.deepspeed_config(
+        world_size=world, total_steps=total_steps, on_gpu=plan.on_gpu, base=job.deepspeed
+    )
+    model, keep_alive = load_model(job.cfg, ds_config)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=model.parameters(), config=ds_config,
         dist_init_required=False,
     )  # fmt: skip
+    del keep_alive
     return engine, scheduler
 
 

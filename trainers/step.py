@@ -35,11 +35,16 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def on_device(values: Iterable[float | torch.Tensor], device: torch.device | str) -> torch.Tensor:
+    """The float64 vector a collective sends: built on `device` (the engine's)."""
+    return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+
+
 def all_reduce_sum(
     values: Iterable[float | torch.Tensor], device: torch.device | str
 ) -> list[float]:
     """Sum `values` over ranks, sent from `device`: an NCCL group rejects a CPU tensor."""
-    t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for v in values])
+    t = on_device(values, device)
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
