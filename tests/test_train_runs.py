@@ -115,7 +115,7 @@ def test_resume_continues_exactly_as_the_uninterrupted_run(runs) -> None:
     del torch
 
 
-def test_resume_from_an_incomplete_checkpoint_fails_naming_it(runs, tmp_path) -> None:
+def test_resume_from_an_incomplete_checkpoint_fails_naming_it(runs, tmp_path, capsys) -> None:
     """DeepSpeed alone would quietly keep a fresh optimizer (or the base weights) and go on."""
     import ray.train
 
@@ -129,6 +129,11 @@ def test_resume_from_an_incomplete_checkpoint_fails_naming_it(runs, tmp_path) ->
     with pytest.raises(CheckpointError, match=str(broken)) as e:
         resume(None, ray.train.Checkpoint(str(broken)), cfg, rank=0, world=2)
     assert shard.name in str(e.value)
+    from trainers.train import main
+
+    code = main(["--data", cfg.data, "--base-model", cfg.base_model, "--resume-from", str(broken)])
+    err = capsys.readouterr().err
+    assert code == 2 and str(broken) in err and shard.name in err, err  # before any worker
     (broken / STATE_FILE).unlink()
     with pytest.raises(CheckpointError, match=f"{broken}.*no {STATE_FILE}"):
         resume(None, ray.train.Checkpoint(str(broken)), cfg, rank=0, world=2)

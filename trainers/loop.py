@@ -39,7 +39,7 @@ from trainers.step import StepStats, all_reduce_sum, eval_share, evaluate, train
 log = logging.getLogger("trainers")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint to resume from is missing files or was written by an incompatible run."""
 
 
@@ -171,8 +171,14 @@ def load_model(cfg: TrainConfig, ds_config: dict[str, Any]) -> tuple[Any, Any]:
 
     keep_alive = None
     if ds_config.get("zero_optimization", {}).get("stage") == 3:
+        import deepspeed
+        import torch.distributed as dist
         from transformers.integrations import HfDeepSpeedConfig
 
+        # DeepSpeed's config reads the world size from deepspeed.comm: wrap Ray's group first.
+        deepspeed.init_distributed(
+            dist_backend=dist.get_backend() if dist.is_initialized() else None
+        )
         keep_alive = HfDeepSpeedConfig(ds_config)
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=dtype)
@@ -257,6 +263,22 @@ def missing_files(d: str | Path, world: int) -> list[str]:
             if not f.is_file() or f.stat().st_size != size:
                 missing.append(rel)
     return missing
+
+
+def check_checkpoint(path: str) -> None:
+    """On the driver: a local `--resume-from` that cannot load fails before any worker starts."""
+    if "://" in path:
+        return  # checked by the workers, which read it through Ray Train's storage
+    d = Path(path)
+    if not (d / STATE_FILE).is_file():
+        raise CheckpointError(f"checkpoint {path}: no {STATE_FILE}; not written by this loop")
+    world = json.loads((d / STATE_FILE).read_text()).get("data_order", {}).get("world", 1)
+    missing = missing_files(d, world)
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete: {len(missing)} file(s) missing or cut short, "
+            f"e.g. {', '.join(missing[:4])}"
+        )
 
 
 def resume(engine: Any, checkpoint: Any, cfg: TrainConfig, rank: int, world: int) -> TrainState:

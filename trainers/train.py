@@ -29,7 +29,7 @@ from socratic.config import parse_config
 from trainers.config import TrainConfig
 from trainers.data import build_examples
 from trainers.export import export_to, provenance
-from trainers.loop import RoleJob, device_plan, split_rows, train_worker
+from trainers.loop import RoleJob, check_checkpoint, device_plan, split_rows, train_worker
 from trainers.tracking import check_tracker
 
 log = logging.getLogger("train")
@@ -44,6 +44,8 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.eval_every is not None and cfg.eval_every < 1:
         raise ValueError(f"--eval-every must be at least 1; got {cfg.eval_every}")
     check_tracker(cfg.tracker)
+    if cfg.resume_from:
+        check_checkpoint(cfg.resume_from)
 
 
 def check_data(cfg: TrainConfig) -> dict[str, int]:
