@@ -93,6 +93,28 @@ class TrainConfig:
         None, help="YAML only: per-role Scaling overrides", cli=False
     )
     address: str | None = option(None, help="Ray address (default: RAY_ADDRESS or a local one)")
+    eval_fraction: float = option(
+        0.0, help="share of problems (by problem id, never by example) held out for eval loss"
+    )
+    eval_data: str | None = option(
+        None, help="annotation Parquet to evaluate on instead; its problems leave the train set"
+    )
+    eval_every: int | None = option(
+        None, help="steps between eval losses (default: at every checkpoint and the end)"
+    )
+    export: str = option(
+        "last",
+        help="which checkpoint to export: the last, or the best eval loss",
+        choices=["best", "last"],
+    )
+    tracker: str = option(
+        "tensorboard",
+        help="metrics to TensorBoard event files (in the run's storage), MLflow, W&B, or none",
+        choices=["tensorboard", "mlflow", "wandb", "none"],
+    )
+    resume_from: str | None = option(
+        None, help="a checkpoint dir or URI to continue from (e.g. an earlier run's)"
+    )
     solver_examples: str = option(
         "packed",
         help="solver data: one sequence per problem with loss on every answer (packed), or one "

@@ -1,21 +1,40 @@
-"""Turn a ZeRO checkpoint into a plain Hugging Face model directory.
+"""Turn a ZeRO checkpoint into a plain Hugging Face model directory, with its provenance.
 
 Training checkpoints are DeepSpeed shards (one optimizer shard per rank, and under ZeRO-3 the
 parameters partitioned too); nothing outside DeepSpeed can load them. Export consolidates them
 into one fp32 state dict and saves model + tokenizer with `save_pretrained`, so the server and
 the evaluation load a student with `AutoModelForCausalLM.from_pretrained(dir)` and nothing else.
+
+It runs on the driver (`trainers/train.py`), never inside a Ray task: a zero-CPU task may land on
+any node, and its local disk is not where the user asked for the model. An `--output` URI
+(`s3://...`) is written through pyarrow's filesystems. Beside the weights go `provenance.json`
+(what made them: data, config, base model, checkpoint, commit, versions) and the loss curves.
 """
 
 from __future__ import annotations
 
 import json
+import platform
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 STATE_FILE = "socratic_state.json"
+HISTORY_FILE = "history.json"
+PROVENANCE_FILE = "provenance.json"
+CURVES_FILE = "loss_curves.png"
 
 
-def export_checkpoint(checkpoint_dir: str | Path, base_model: str, out_dir: str | Path) -> Path:
-    """Consolidate the checkpoint in `checkpoint_dir` into an HF dir at `out_dir`."""
+def export_checkpoint(
+    checkpoint_dir: str | Path,
+    base_model: str,
+    out_dir: str | Path,
+    provenance: Mapping[str, Any] | None = None,
+) -> Path:
+    """Consolidate the checkpoint in `checkpoint_dir` into an HF dir at `out_dir` (local)."""
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -37,7 +56,114 @@ def export_checkpoint(checkpoint_dir: str | Path, base_model: str, out_dir: str 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(base_model).save_pretrained(out)
+    history_file = checkpoint_dir / HISTORY_FILE
+    history = json.loads(history_file.read_text()) if history_file.is_file() else []
+    if history:
+        plot_losses(history, out / CURVES_FILE, title=str((provenance or {}).get("role", "")))
+    if provenance is not None:
+        (out / PROVENANCE_FILE).write_text(json.dumps(dict(provenance), indent=2, default=str))
     return out
+
+
+def export_to(
+    checkpoint_dir: str | Path,
+    base_model: str,
+    output: str,
+    provenance: Mapping[str, Any] | None = None,
+) -> str:
+    """`export_checkpoint` to a local dir or a pyarrow filesystem URI; returns where it went."""
+    if "://" not in output:
+        return str(export_checkpoint(checkpoint_dir, base_model, output, provenance).resolve())
+    import pyarrow.fs as pafs
+
+    with tempfile.TemporaryDirectory() as local:
+        export_checkpoint(checkpoint_dir, base_model, local, provenance)
+        fs, path = pafs.FileSystem.from_uri(output)
+        fs.create_dir(path, recursive=True)
+        pafs.copy_files(local, path, destination_filesystem=fs)
+    return output
+
+
+def provenance(
+    *, role: str, config: Mapping[str, Any], deepspeed: Mapping[str, Any] | None,
+    checkpoint: str, metrics: Mapping[str, Any], export: str,
+) -> dict[str, Any]:  # fmt: skip
+    """What made an exported student, enough to rebuild it."""
+    import deepspeed as ds
+    import torch
+    import transformers
+
+    try:
+        import ray
+
+        ray_version = ray.__version__
+    except ImportError:  # pragma: no cover - the driver has ray
+        ray_version = None
+    return {
+        "role": role,
+        "base_model": config.get("base_model"),
+        "data": config.get("data"),
+        "eval_data": config.get("eval_data"),
+        "eval_fraction": config.get("eval_fraction"),
+        "checkpoint": checkpoint,
+        "export": export,
+        "step": metrics.get("step"),
+        "loss": metrics.get("loss"),
+        "eval_loss": metrics.get("eval_loss"),
+        "config": dict(config),
+        "deepspeed": dict(deepspeed) if deepspeed is not None else None,
+        "git_commit": git_commit(),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "deepspeed": ds.__version__,
+            "ray": ray_version,
+        },
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def git_commit() -> str | None:
+    """The project's commit, with `+dirty` when the tree has changes; None outside git."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha + ("+dirty" if dirty else "") if sha else None
+
+
+def plot_losses(history: Sequence[Mapping[str, float]], path: str | Path, title: str = "") -> Path:
+    """Training and eval loss against the step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in [("loss", "train loss"), ("eval_loss", "eval loss")]:
+        pts = [(h["step"], h[key]) for h in history if key in h]
+        if pts:
+            ax.plot(
+                *zip(*pts, strict=True), marker="." if key == "eval_loss" else None, label=label
+            )
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss per target token")
+    ax.set_title(f"{title} loss curves".strip())
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
 
 
 def _tied_keys(model) -> list[str]:

@@ -1,31 +1,46 @@
 """The per-worker training loop: one role, DeepSpeed ZeRO, inside a Ray Train worker.
 
-Read it top to bottom like nanoGPT's: load data and model, `deepspeed.initialize`, resume from
-Ray Train's latest checkpoint if there is one, then step; log every `log_every` steps and
-checkpoint every `checkpoint_every`. A "step" is one optimizer step (`grad_accum` micro-batches
-on every worker). The data order is a pure function of (seed, epoch), so a resumed run skips
-exactly the micro-batches it had already trained on and continues at the step it reached, with
-optimizer and scheduler state from the DeepSpeed checkpoint.
+`train_worker` reads top to bottom, as Ray's DeepSpeed fine-tuning example does: data, engine,
+resume, then the loop of step, log, evaluate and checkpoint. A "step" is one optimizer step
+(`grad_accum` micro-batches on every worker) with a token-weighted loss (`trainers/step.py`).
+The data order is a pure function of (seed, epoch), so a resumed run skips exactly the
+micro-batches it had trained on; optimizer and scheduler state come from the DeepSpeed
+checkpoint and the RNG state of every rank from beside it, so a resumed run continues as the
+uninterrupted run would have (dropout masks included).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
+import random
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from trainers.config import TrainConfig
-from trainers.data import batches, build_examples, collate, padding_fraction, read_accepted, shard
+from trainers.data import (
+    TokenizedSet,
+    batches,
+    build_examples,
+    collate,
+    padding_fraction,
+    read_accepted,
+    shard,
+)
 from trainers.data import tokenize as tokenize_examples
-from trainers.export import STATE_FILE
+from trainers.export import HISTORY_FILE, STATE_FILE
+from trainers.holdout import split_by_problem, without_problems
+from trainers.step import StepStats, all_reduce_sum, eval_share, evaluate, train_step
 
 log = logging.getLogger("trainers")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint to resume from is missing files or was written by an incompatible run."""
 
 
 @dataclass(frozen=True)
@@ -37,23 +52,97 @@ class RoleJob:
     # The DeepSpeed JSON as the driver read it: workers run in Ray Train's own folder (and on
     # other nodes), where the file's path may not resolve.
     deepspeed: dict[str, Any] | None = None
+    log_dir: str | None = None  # where rank 0 writes TensorBoard events (the run's storage)
 
 
-def _micro_batches(
-    lengths: list[int], job: RoleJob, rank: int, world: int
+@dataclass(frozen=True)
+class DevicePlan:
+    """Where a role's workers compute, from that role's own scaling (`role_scaling`)."""
+
+    on_gpu: bool
+    backend: str  # the torch.distributed backend: NCCL on GPU, gloo on CPU
+    torch_adam: bool  # torch's AdamW on CPU: DeepSpeed's fused/CPU Adam costs a JIT compile
+
+
+def device_plan(cfg: TrainConfig, role: str) -> DevicePlan:
+    use_gpu = cfg.scaling_for(role).use_gpu
+    return DevicePlan(use_gpu, "nccl" if use_gpu else "gloo", torch_adam=not use_gpu)
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class RoleData:
+    train: TokenizedSet
+    eval: TokenizedSet | None
+    train_problems: int
+    eval_problems: int
+    unbuildable: int
+
+
+def split_rows(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
+    """(train rows, eval rows) by problem: `--eval-data`, else `--eval-fraction`, else none."""
+    rows = read_accepted(cfg.data_paths)
+    if cfg.eval_data:
+        held = read_accepted([p.strip() for p in cfg.eval_data.split(",") if p.strip()])
+        train, removed = without_problems(rows, held)
+        if removed:
+            log.info("%d training rows share a problem with --eval-data: left out", removed)
+        if not train:
+            raise ValueError(f"every problem of {cfg.data} is in --eval-data {cfg.eval_data}")
+        return train, held
+    if cfg.eval_fraction:
+        return split_by_problem(rows, cfg.eval_fraction, cfg.seed)
+    return rows, []
+
+
+def load_data(job: RoleJob, tokenizer: Any) -> RoleData:
+    """Every worker builds the same tokenised sets, then takes its shard of each epoch."""
+    cfg = job.cfg
+    train_rows, eval_rows = split_rows(cfg)
+    packed = cfg.solver_examples == "packed"
+    examples, built = build_examples(train_rows, job.role, packed=packed)
+    train = tokenize_examples(examples, tokenizer, cfg.max_length)
+    if not len(train):
+        raise ValueError(
+            f"{job.role}: no trainable examples in {cfg.data} "
+            f"({train.dropped} longer than --max-length {cfg.max_length})"
+        )
+    held = None
+    if eval_rows:
+        held = tokenize_examples(
+            build_examples(eval_rows, job.role, packed=packed)[0], tokenizer, cfg.max_length
+        )
+        if not len(held):
+            raise ValueError(f"{job.role}: the held-out problems give no eval examples")
+    return RoleData(
+        train,
+        held,
+        len({r["id"] for r in train_rows}),
+        len({r["id"] for r in eval_rows}),
+        built.skipped,
+    )
+
+
+def micro_batches(
+    lengths: list[int], cfg: TrainConfig, rank: int, world: int, skip: int = 0
 ) -> Iterator[tuple[int, list[int]]]:
-    """(epoch, example indices) for this rank, epoch after epoch, forever."""
-    epoch = 0
+    """(epoch, example indices) for this rank, epoch after epoch, forever; the first `skip`
+    (what a checkpoint already trained on) are passed over."""
+    epoch, seen = 0, 0
     while True:
         order = batches(
             lengths,
-            job.cfg.micro_batch_size,
-            seed=job.cfg.seed,
+            cfg.micro_batch_size,
+            seed=cfg.seed,
             epoch=epoch,
-            group_by_length=job.cfg.group_by_length,
+            group_by_length=cfg.group_by_length,
         )
         for b in shard(order, rank, world):
-            yield epoch, b
+            seen += 1
+            if seen > skip:
+                yield epoch, b
         epoch += 1
 
 
@@ -62,140 +151,347 @@ def steps_per_epoch(n_batches: int, world: int, grad_accum: int) -> int:
     return max(1, per_rank // grad_accum)
 
 
+def eval_batches(data: TokenizedSet, cfg: TrainConfig, pad_id: int, rank: int, world: int):
+    """This rank's collated eval batches (fixed order) and how many of them count."""
+    order = batches(data.lengths, cfg.micro_batch_size, seed=cfg.seed, epoch=0)
+    mine, counted = eval_share(len(order), rank, world)
+    return [collate([data[i] for i in order[j]], pad_id) for j in mine], counted
+
+
+# --- engine ---------------------------------------------------------------------------------------
+
+
+def load_model(cfg: TrainConfig, ds_config: dict[str, Any]) -> tuple[Any, Any]:
+    """The base model, loaded straight into ZeRO-3 partitions under stage 3.
+
+    An `HfDeepSpeedConfig` alive during `from_pretrained` makes transformers load inside
+    `deepspeed.zero.Init`, so no rank ever holds the whole model (a GPT-2-large student would
+    otherwise sit whole on every GPU first). Returns (model, that config object), which the
+    caller keeps alive until `deepspeed.initialize` (transformers reads it through a weakref).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    keep_alive = None
+    if ds_config.get("zero_optimization", {}).get("stage") == 3:
+        import deepspeed
+        import torch.distributed as dist
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # DeepSpeed's config reads the world size from deepspeed.comm: wrap Ray's group first.
+        deepspeed.init_distributed(
+            dist_backend=dist.get_backend() if dist.is_initialized() else None
+        )
+        keep_alive = HfDeepSpeedConfig(ds_config)
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=dtype)
+    model.config.use_cache = False  # no KV cache while training
+    return model, keep_alive
+
+
+def build_engine(job: RoleJob, plan: DevicePlan, world: int, total_steps: int):
+    """(DeepSpeed engine, LR scheduler) for the role, from the driver's DeepSpeed JSON."""
+    import deepspeed
+
+    ds_config = job.cfg.deepspeed_config(
+        world_size=world, total_steps=total_steps, on_gpu=plan.on_gpu, base=job.deepspeed
+    )
+    model, keep_alive = load_model(job.cfg, ds_config)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=ds_config,
+        dist_init_required=False,
+    )  # fmt: skip
+    del keep_alive
+    return engine, scheduler
+
+
+# --- resume ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    resumed_from: int = 0
+    tokens: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)  # rank 0: every log line
+
+
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _data_order(cfg: TrainConfig, world: int) -> dict[str, Any]:
+    """What fixes which micro-batch a step trains on; a resume must match it exactly."""
+    return {
+        "seed": cfg.seed,
+        "world": world,
+        "micro_batch_size": cfg.micro_batch_size,
+        "grad_accum": cfg.grad_accum,
+        "group_by_length": cfg.group_by_length,
+    }
+
+
+def missing_files(d: str | Path, world: int) -> list[str]:
+    """Files a checkpoint's manifests list (one manifest per rank) that are not in `d`."""
+    d = Path(d)
+    missing = []
+    for rank in range(world):
+        manifest = d / "manifest" / f"rank{rank}.json"
+        if not manifest.is_file():
+            missing.append(str(manifest.relative_to(d)))
+            continue
+        for rel, size in json.loads(manifest.read_text()).items():
+            f = d / rel
+            if not f.is_file() or f.stat().st_size != size:
+                missing.append(rel)
+    return missing
+
+
+def check_checkpoint(path: str) -> None:
+    """On the driver: a local `--resume-from` that cannot load fails before any worker starts."""
+    if "://" in path:
+        return  # checked by the workers, which read it through Ray Train's storage
+    d = Path(path)
+    if not (d / STATE_FILE).is_file():
+        raise CheckpointError(f"checkpoint {path}: no {STATE_FILE}; not written by this loop")
+    world = json.loads((d / STATE_FILE).read_text()).get("data_order", {}).get("world", 1)
+    missing = missing_files(d, world)
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete: {len(missing)} file(s) missing or cut short, "
+            f"e.g. {', '.join(missing[:4])}"
+        )
+
+
+def resume(engine: Any, checkpoint: Any, cfg: TrainConfig, rank: int, world: int) -> TrainState:
+    """Load `checkpoint` (a `ray.train.Checkpoint`) or fail with a message that names it.
+
+    DeepSpeed's `load_checkpoint` returns (None, None) when it finds nothing and quietly keeps
+    the fresh optimizer when shards are missing; a run would then restart from the base weights
+    at step N. So every file each rank wrote is checked against its manifest first.
+    """
+    if checkpoint is None:
+        return TrainState()
+    name = checkpoint.path
+    with checkpoint.as_directory() as d:
+        state_file = Path(d) / STATE_FILE
+        if not state_file.is_file():
+            raise CheckpointError(f"checkpoint {name}: no {STATE_FILE}; not written by this loop")
+        state = json.loads(state_file.read_text())
+        want, got = _data_order(cfg, world), state.get("data_order", {})
+        if got != want:
+            diff = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
+            raise CheckpointError(
+                f"checkpoint {name} was written with a different data order or world "
+                f"(checkpoint vs now: {diff}); resume with the same settings"
+            )
+        missing = missing_files(d, world)
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {name} is incomplete: {len(missing)} file(s) missing or cut short, "
+                f"e.g. {', '.join(missing[:4])}"
+            )
+        load_path, _ = engine.load_checkpoint(d, tag=state["tag"])
+        if load_path is None:
+            raise CheckpointError(f"checkpoint {name}: DeepSpeed found no {state['tag']} in it")
+        import torch
+
+        _set_rng_state(torch.load(Path(d) / "rng" / f"rank{rank}.pt", weights_only=False))
+        history_file = Path(d) / HISTORY_FILE
+        history = json.loads(history_file.read_text()) if history_file.is_file() else []
+    step = state["step"]
+    log.info("resumed from checkpoint %s at step %d", name, step)
+    return TrainState(step, step, state.get("tokens", 0), history)
+
+
+# --- step, log, checkpoint ------------------------------------------------------------------------
+
+
+@dataclass
+class Meter:
+    """What the steps since the last log line did on this rank."""
+
+    steps: int = 0
+    loss: float = 0.0
+    tokens: int = 0
+    since: float = field(default_factory=time.perf_counter)
+
+    def add(self, s: StepStats) -> None:
+        self.steps, self.loss, self.tokens = (
+            self.steps + 1,
+            self.loss + s.loss,
+            self.tokens + s.tokens,
+        )
+
+
+def log_metrics(engine: Any, scheduler: Any, meter: Meter, state: TrainState, cfg: TrainConfig):
+    """The step's metrics, summed over ranks (on the engine's device) since the last log."""
+    loss, tokens = all_reduce_sum([meter.loss, meter.tokens], engine.device)
+    state.tokens += int(tokens)
+    norm = engine.get_global_grad_norm()
+    return {
+        "loss": loss / max(meter.steps, 1),
+        "lr": scheduler.get_last_lr()[0] if scheduler else cfg.lr,
+        "tokens_per_s": tokens / max(time.perf_counter() - meter.since, 1e-9),
+        "grad_norm": float(norm) if norm is not None else float("nan"),
+        "tokens": state.tokens,
+    }
+
+
+def save_and_report(engine: Any, state: TrainState, metrics: dict, job: RoleJob, world: int):
+    """Every rank writes its ZeRO shards, RNG state and file manifest to a local dir; Ray Train
+    merges the ranks' dirs in storage."""
+    import ray.train
+    import torch
+
+    rank = ray.train.get_context().get_world_rank()
+    tag = f"step{state.step}"
+    with tempfile.TemporaryDirectory() as d:
+        engine.save_checkpoint(d, tag=tag)
+        (Path(d) / "rng").mkdir()
+        torch.save(_rng_state(), Path(d) / "rng" / f"rank{rank}.pt")
+        if rank == 0:
+            Path(d, STATE_FILE).write_text(json.dumps({
+                "step": state.step, "tag": tag, "tokens": state.tokens,
+                "data_order": _data_order(job.cfg, world),
+            }))  # fmt: skip
+            Path(d, HISTORY_FILE).write_text(json.dumps(state.history))
+        files = {str(f.relative_to(d)): f.stat().st_size for f in Path(d).rglob("*") if f.is_file()}
+        (Path(d) / "manifest").mkdir()
+        Path(d, "manifest", f"rank{rank}.json").write_text(json.dumps(files))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _due(step: int, every: int | None, last: bool) -> bool:
+    return last or bool(every) and step % every == 0
+
+
+# --- the worker -----------------------------------------------------------------------------------
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train's `train_loop_per_worker`."""
     import deepspeed
+    import numpy as np
     import ray.train
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from trainers.tracking import Tracker, open_tracker
 
     job: RoleJob = config["job"]
     cfg = job.cfg
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    on_gpu = torch.cuda.is_available() and cfg.use_gpu
-    if not on_gpu:
+    plan = device_plan(cfg, job.role)
+    if plan.on_gpu and not torch.cuda.is_available():
+        raise RuntimeError(f"{job.role}: use_gpu is set but this worker's torch sees no GPU")
+    if not plan.on_gpu:
         # Plain gloo: the shared-memory comm op costs a ~30 s JIT compile on a fresh machine.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {job.role}[{rank}] %(message)s")
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
-    # Data: every worker builds the same tokenised set, then takes its shard of each epoch.
+    # Data.
     tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    examples, built = build_examples(
-        read_accepted(cfg.data_paths), job.role, packed=cfg.solver_examples == "packed"
-    )
-    data = tokenize_examples(examples, tokenizer, cfg.max_length)
-    if not len(data):
-        raise ValueError(
-            f"{job.role}: no trainable examples in {cfg.data} "
-            f"({data.dropped} longer than --max-length {cfg.max_length})"
-        )
-    lengths = data.lengths
+    data = load_data(job, tokenizer)
     epoch0 = batches(
-        lengths, cfg.micro_batch_size, seed=cfg.seed, epoch=0, group_by_length=cfg.group_by_length
-    )
-    per_epoch = steps_per_epoch(len(epoch0), world, cfg.grad_accum)
-    total_steps = cfg.max_steps or per_epoch * cfg.epochs
+        data.train.lengths, cfg.micro_batch_size, seed=cfg.seed, epoch=0,
+        group_by_length=cfg.group_by_length,
+    )  # fmt: skip
+    total_steps = cfg.max_steps or steps_per_epoch(len(epoch0), world, cfg.grad_accum) * cfg.epochs
 
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=dtype)
-    ds_config = cfg.deepspeed_config(
-        world_size=world, total_steps=total_steps, on_gpu=on_gpu, base=job.deepspeed
-    )
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model,
-        model_parameters=model.parameters(),
-        config=ds_config,
-        dist_init_required=False,
-    )
-
-    step, resumed_from = 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = json.loads((Path(d) / STATE_FILE).read_text())
-            engine.load_checkpoint(d, tag=state["tag"])
-            step = resumed_from = state["step"]
-        log.info("resumed from checkpoint at step %d", step)
-
-    if rank == 0:
-        pad = padding_fraction(lengths, epoch0)
-        log.info(
-            "%s: %d examples (%d truncated, %d dropped, %d unbuildable), %d steps, "
-            "world %d, padding %.1f%%",
-            job.role,
-            len(data),
-            data.truncated,
-            data.dropped,
-            built.skipped,
-            total_steps,
-            world,
-            100 * pad,
-        )
-
+    # Engine, then resume (after everything that draws random numbers at start-up).
+    engine, scheduler = build_engine(job, plan, world, total_steps)
     device = engine.device
-    micro = _micro_batches(lengths, job, rank, world)
-    for _ in range(step * cfg.grad_accum):  # skip what the checkpoint already trained on
-        next(micro)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and cfg.resume_from:
+        checkpoint = ray.train.Checkpoint(cfg.resume_from)
+    state = resume(engine, checkpoint, cfg, rank, world)
+    held, counted = (
+        eval_batches(data.eval, cfg, tokenizer.pad_token_id, rank, world) if data.eval else ([], 0)
+    )
+    if rank == 0:
+        log.info(
+            "%s: %d examples from %d problems (%d truncated, %d dropped, %d unbuildable), "
+            "eval %d examples from %d problems, %d steps, world %d, padding %.1f%%",
+            job.role, len(data.train), data.train_problems, data.train.truncated,
+            data.train.dropped, data.unbuildable, len(data.eval or ()), data.eval_problems,
+            total_steps, world, 100 * padding_fraction(data.train.lengths, epoch0),
+        )  # fmt: skip
+    tracker: Tracker = Tracker()
+    if rank == 0:
+        tracker = open_tracker(
+            cfg.tracker, log_dir=job.log_dir or "tensorboard",
+            run_name=f"{cfg.run_name}-{job.role}", params={**asdict(cfg), "role": job.role},
+        )  # fmt: skip
 
-    tokens_since, t_since, loss_sum, loss_n = 0, time.perf_counter(), 0.0, 0
-    t_start, tokens_total, last_loss = time.perf_counter(), 0, math.nan
-    while step < total_steps:
+    micro = micro_batches(data.train.lengths, cfg, rank, world, skip=state.step * cfg.grad_accum)
+    meter, epoch, last = Meter(), 0, state.step >= total_steps
+    t_start = time.perf_counter()
+    while not last:
+        # Step.
+        group = []
         for _ in range(cfg.grad_accum):
             epoch, idx = next(micro)
-            batch = collate([data[i] for i in idx], tokenizer.pad_token_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()
-            n_tok = int(batch["attention_mask"].sum())
-            tokens_since += n_tok
-            loss_sum, loss_n = loss_sum + float(loss), loss_n + 1
-        step += 1
-        last_step = step == total_steps
-        if step % cfg.log_every == 0 or last_step:
-            stats = torch.tensor([tokens_since, loss_sum, loss_n], dtype=torch.float64)
-            torch.distributed.all_reduce(stats)
-            elapsed = time.perf_counter() - t_since
-            last_loss = float(stats[1] / stats[2])
-            tokens_total += int(stats[0])
-            metrics = {
-                "role": job.role,
-                "step": step,
-                "epoch": epoch,
-                "loss": last_loss,
-                "lr": scheduler.get_last_lr()[0] if scheduler else cfg.lr,
-                "tokens_per_s": float(stats[0]) / elapsed,
-                "tokens": tokens_total,
-                "resumed_from_step": resumed_from,
-            }
+            group.append(collate([data.train[i] for i in idx], tokenizer.pad_token_id))
+        meter.add(train_step(engine, group, device))
+        state.step += 1
+        last = state.step >= total_steps
+        checkpoint_now = _due(state.step, cfg.checkpoint_every, last)
+
+        # Log, and evaluate (at every checkpoint too, so `--export best` can rank them).
+        metrics: dict[str, Any] = {}
+        if _due(state.step, cfg.log_every, checkpoint_now):
+            metrics.update(log_metrics(engine, scheduler, meter, state, cfg))
+            meter = Meter()
+        if held and _due(state.step, cfg.eval_every, checkpoint_now):
+            metrics["eval_loss"] = evaluate(engine, held, device, counted)
+        if metrics:
+            point = {"step": state.step, **metrics}
+            state.history.append(point)
+            tracker.log({k: v for k, v in metrics.items() if k != "tokens"}, state.step)
             if rank == 0:
-                log.info(
-                    "step %d/%d loss %.4f lr %.2e tok/s %.0f",
-                    step,
-                    total_steps,
-                    metrics["loss"],
-                    metrics["lr"],
-                    metrics["tokens_per_s"],
-                )
-            tokens_since, t_since, loss_sum, loss_n = 0, time.perf_counter(), 0.0, 0
-            if step % cfg.checkpoint_every == 0 or last_step:
-                metrics["train_s"] = time.perf_counter() - t_start
-                _save_and_report(engine, step, metrics, rank)
-            else:
-                ray.train.report(metrics)
+                log.info("step %d/%d %s", state.step, total_steps, _fmt(metrics))
+            metrics.update(role=job.role, step=state.step, epoch=epoch,
+                           resumed_from_step=state.resumed_from)  # fmt: skip
+
+        # Checkpoint.
+        if checkpoint_now:
+            metrics["train_s"] = time.perf_counter() - t_start
+            tracker.sync()
+            save_and_report(engine, state, metrics, job, world)
+        elif metrics:
+            ray.train.report(metrics)
+    tracker.close()
 
 
-def _save_and_report(engine: Any, step: int, metrics: dict[str, Any], rank: int) -> None:
-    """Every rank writes its ZeRO shards to a local dir; Ray Train merges them in storage."""
-    import ray.train
-
-    tag = f"step{step}"
-    with tempfile.TemporaryDirectory() as d:
-        engine.save_checkpoint(d, tag=tag)
-        if rank == 0:
-            Path(d, STATE_FILE).write_text(json.dumps({"step": step, "tag": tag}))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+def _fmt(metrics: dict[str, Any]) -> str:
+    return " ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+    )

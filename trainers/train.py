@@ -18,7 +18,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,36 +27,66 @@ if __package__ in (None, ""):  # `python trainers/train.py`, as `ray job submit`
 
 from socratic.config import parse_config
 from trainers.config import TrainConfig
-from trainers.data import build_examples, read_accepted
-from trainers.export import export_checkpoint
-from trainers.loop import RoleJob, train_worker
+from trainers.data import build_examples
+from trainers.export import export_to, provenance
+from trainers.loop import RoleJob, check_checkpoint, device_plan, split_rows, train_worker
+from trainers.tracking import check_tracker
 
 log = logging.getLogger("train")
 
 
+def check_config(cfg: TrainConfig) -> None:
+    """Settings that only make sense together, checked before anything starts."""
+    if cfg.export == "best" and not (cfg.eval_fraction or cfg.eval_data):
+        raise ValueError(
+            "--export best ranks checkpoints by eval loss: give --eval-fraction or --eval-data"
+        )
+    if cfg.eval_every is not None and cfg.eval_every < 1:
+        raise ValueError(f"--eval-every must be at least 1; got {cfg.eval_every}")
+    check_tracker(cfg.tracker)
+    if cfg.resume_from:
+        check_checkpoint(cfg.resume_from)
+
+
 def check_data(cfg: TrainConfig) -> dict[str, int]:
     """Fail before any worker starts if the data cannot train every role (names the path)."""
-    rows = read_accepted(cfg.data_paths)
+    rows, held = split_rows(cfg)
     counts = {}
     for role in cfg.role_list:
         examples, _ = build_examples(rows, role)
         if not examples:
             raise ValueError(f"{cfg.data}: the {len(rows)} accepted rows give no {role} examples")
         counts[role] = len(examples)
+        if held and not build_examples(held, role)[0]:
+            raise ValueError(f"the {len(held)} held-out rows give no {role} eval examples")
+    if held:
+        n_held = len({r["id"] for r in held})
+        log.info(
+            "eval loss on %d held-out problems (%d train)", n_held, len({r["id"] for r in rows})
+        )
     return counts
 
 
+def run_dir(cfg: TrainConfig, role: str) -> str:
+    """The role's Ray Train run folder in storage (a path or a URI)."""
+    return f"{cfg.storage_path.rstrip('/')}/{cfg.run_name}-{role}"
+
+
 def fit_role(job: RoleJob) -> dict[str, Any]:
-    """One role's Ray Train run, then its export. Runs inside a zero-CPU Ray task."""
+    """One role's Ray Train run. Runs inside a zero-CPU Ray task, so it only trains: the export
+    happens on the driver, where `--output` means what the user meant."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg, scaling = job.cfg, job.cfg.scaling_for(job.role)
+    ranked = {}
+    if cfg.export == "best":  # Ray keeps the best two by eval loss, and always the latest
+        ranked = dict(checkpoint_score_attribute="eval_loss", checkpoint_score_order="min")
     t0 = time.perf_counter()
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"job": job},
-        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=device_plan(cfg, job.role).backend),
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
@@ -66,52 +96,89 @@ def fit_role(job: RoleJob) -> dict[str, Any]:
             name=f"{cfg.run_name}-{job.role}",
             storage_path=cfg.storage_path,  # absolute: run() resolved it
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, **ranked),
         ),
     )
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"{job.role}: training ended without a checkpoint ({result.error})")
-    out = Path(cfg.output) / job.role
-    with result.checkpoint.as_directory() as d:
-        export_checkpoint(d, cfg.base_model, out)
+    chosen, chosen_metrics = result.checkpoint, result.metrics or {}
+    if cfg.export == "best" and result.best_checkpoints:
+        chosen, chosen_metrics = min(
+            result.best_checkpoints, key=lambda cm: cm[1].get("eval_loss", float("inf"))
+        )
     m = result.metrics or {}
     return {
         "role": job.role,
         "steps": m.get("step"),
         "tokens": m.get("tokens"),
         "final_loss": m.get("loss"),
-        "train_s": round(m.get("train_s", 0.0), 1),
+        "eval_loss": m.get("eval_loss"),
+        "train_s": round(m.get("train_s", time.perf_counter() - t0), 1),
         "wall_s": round(time.perf_counter() - t0, 1),
         "resumed_from_step": m.get("resumed_from_step", 0),
         "workers": scaling.num_workers,
         "checkpoint": result.checkpoint.path,
-        "export": str(out.resolve()),
+        "export_checkpoint": chosen,
+        "export_metrics": dict(chosen_metrics),
     }
 
 
+def export_role(job: RoleJob, fitted: dict[str, Any]) -> dict[str, Any]:
+    """On the driver: consolidate the chosen checkpoint into `--output/<role>` (path or URI)."""
+    cfg = job.cfg
+    checkpoint = fitted.pop("export_checkpoint")
+    metrics = fitted.pop("export_metrics")
+    out = f"{cfg.output.rstrip('/')}/{job.role}"
+    record = provenance(
+        role=job.role, config=asdict(cfg), deepspeed=job.deepspeed, checkpoint=checkpoint.path,
+        metrics=metrics, export=cfg.export,
+    )  # fmt: skip
+    with checkpoint.as_directory() as d:
+        fitted["export"] = export_to(d, cfg.base_model, out, record)
+    fitted["exported_step"] = metrics.get("step")
+    return fitted
+
+
+def _absolute(paths: str | None) -> str | None:
+    """Local paths of a comma-separated list made absolute (URIs kept), as `--data` is."""
+    if not paths:
+        return paths
+    return ",".join(
+        p if "://" in p else str(Path(p).resolve()) for p in (x.strip() for x in paths.split(","))
+    )
+
+
 def run(cfg: TrainConfig) -> list[dict[str, Any]]:
-    """Train every role in `cfg.roles`; returns one summary per role."""
+    """Train every role in `cfg.roles`, then export each on this driver; one summary per role."""
     import ray
 
     cfg = cfg.with_absolute_paths()
+    cfg = replace(cfg, eval_data=_absolute(cfg.eval_data), resume_from=_absolute(cfg.resume_from))
+    check_config(cfg)
     deepspeed = cfg.read_deepspeed()
     counts = check_data(cfg)
     log.info("examples per role: %s", counts)
     if not ray.is_initialized():
         ray.init(address=cfg.address, configure_logging=False)
-    jobs = [RoleJob(cfg, role, deepspeed) for role in cfg.role_list]
+    jobs = [
+        RoleJob(cfg, role, deepspeed, log_dir=f"{run_dir(cfg, role)}/tensorboard")
+        for role in cfg.role_list
+    ]
     # The wrapper holds no CPU: a wrapper holding one would starve its own training workers.
     remote_fit = ray.remote(num_cpus=0)(fit_role)
     if cfg.sequential:
-        return [ray.get(remote_fit.remote(job)) for job in jobs]
-    return ray.get([remote_fit.remote(job) for job in jobs])
+        fitted = [ray.get(remote_fit.remote(job)) for job in jobs]
+    else:
+        fitted = ray.get([remote_fit.remote(job) for job in jobs])
+    return [export_role(job, f) for job, f in zip(jobs, fitted, strict=True)]
 
 
 def format_summary(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(
         f"{r['role']}: {r['steps']} steps, {r['tokens']} tokens, {r['train_s']} s training "
         f"({r['wall_s']} s with start-up), final loss {r['final_loss']:.4f}"
+        + (f", eval loss {r['eval_loss']:.4f}" if r.get("eval_loss") is not None else "")
         + (f", resumed from step {r['resumed_from_step']}" if r["resumed_from_step"] else "")
         + f" -> {r['export']}"
         for r in results
