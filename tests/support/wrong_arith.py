@@ -1,7 +1,7 @@
 """A real tiny HF model that has learnt to get its arithmetic wrong, for calculator tests.
 
 A 2-layer GPT-2 with a byte-level BPE trained on the spot (`tests.support.tiny_model`), then
-trained for a few hundred steps on solver, unified and CoT texts whose every `<<expr=value>>`
+trained until it has memorised solver, unified and CoT texts whose every `<<expr=value>>`
 span carries a wrong value (the true result + 1, or a dropped fraction, or a dropped sign).
 It memorises them, so with the calculator off it writes exactly those wrong values, and each
 text reaches its `=` after a different number of tokens. Nothing here is a mock: the model is
@@ -10,12 +10,11 @@ saved as a plain HF directory and loaded by `socratic.generate.Generator` like a
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from socratic.formats import cot_prompt, solver_prompt, unified_prompt
-from socratic.records import Step
+from socratic.formats import cot_prompt, decomposer_prompt, solver_prompt, unified_prompt
 
 
 @dataclass(frozen=True)
@@ -56,20 +55,23 @@ CASES = (
 # The calculator refuses `**`: the model's own value stays, and the refusal is counted.
 REFUSED = Case(solver_prompt(P5, [], "What is the volume?"), "A1: 2**3 = <<2**3=9>>9", ())
 ALL = (*CASES, REFUSED)
-# A prompt the model was not taught on, sharing a history step (so its context has a span).
-HISTORY = solver_prompt(P1, [Step("How many apples?", "3*4 = <<3*4=12>>12")], "How many in all?")
+# Decompositions for the solving loop: P1 and P3 are asked the sub-question their solver
+# prompt above was built with.
+DECOMPOSITIONS = {P1: "Q1: How many apples?", P3: "Q1: What is the balance?"}
 
 
 def build_wrong_arith_model(
-    out_dir: str | Path, steps: int = 200, lr: float = 1e-2, seed: int = 0
+    out_dir: str | Path, max_steps: int = 600, target_loss: float = 0.01, lr: float = 1e-2
 ) -> Path:
-    """Train and save the model under `out_dir` (about 10 s on 2 cores)."""
+    """Train until the mean token loss is below `target_loss` and save the model under
+    `out_dir` (a few hundred steps, seconds on 2 idle cores)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from tests.support.tiny_model import build_tokenizer
 
     texts = [c.prompt + c.wrong for c in ALL]
+    texts += [decomposer_prompt(p) + q for p, q in DECOMPOSITIONS.items()]
     # Extra copies of a negative result make the BPE merge `=-` into one token, the case where
     # a tokenizer joins `=` with what follows it.
     tokenizer = build_tokenizer(texts * 4 + ["x=-1 y=-2 z=-3 <<1-2=-1>>"] * 8, vocab_size=400)
@@ -78,7 +80,7 @@ def build_wrong_arith_model(
         vocab_size=len(tokenizer), n_positions=256, n_embd=64, n_layer=2, n_head=2,
         bos_token_id=eos, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     model = GPT2LMHeadModel(config)
     seqs = [tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
     width = max(map(len, seqs))
@@ -89,17 +91,30 @@ def build_wrong_arith_model(
         ids[i, : len(s)] = labels[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
-    for step in range(steps):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        if step % 25 == 0 and os.environ.get("WRONG_ARITH_DEBUG"):
-            print(step, loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # matrices this small gain nothing from a second thread
+    try:
+        model.train()
+        for _ in range(max_steps):  # until memorised: greedy decoding then repeats the texts
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            if loss.item() < target_loss:
+                break
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     out = Path(out_dir)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    return out
+
+
+def wrong_arith_model_dir(tmp_path_factory: Any) -> Path:
+    """The model, built once per pytest session (every module that asks shares it)."""
+    out = tmp_path_factory.getbasetemp() / "wrong-arith"
+    if not (out / "config.json").is_file():
+        build_wrong_arith_model(out)
     return out
