@@ -14,11 +14,17 @@ Methods, as in the paper's results table:
 - `cot`: one model writes the step-by-step solution and an `Answer:` line.
 - `answer`: one model writes the final answer only.
 
-Calculator: the iterative loop can recompute each `<<expr=...>>` span before later steps see it,
-so `--calculator on|off|both` reports it with and without (`both` runs the loop twice).
-One-pass methods write their whole text in one go. A calculator could only patch that text after
-the fact, not the reasoning built on it, so they are scored as written and their calculator
-column says `n/a`.
+Calculator: as in the GSM8K paper, inside decoding. When a student writes `<<expr=`, the
+calculator's result and `>>` are forced as its next tokens (`socratic.generate`), so everything
+written after a span, in the same text or in later steps, builds on the right value. Every
+method that writes arithmetic (`iterative`'s solver, `unified`, `cot`) is scored with it on and
+off (`--calculator on|off|both`; `both` runs each such method twice on the same loaded models).
+`answer` writes no arithmetic: its calculator column says `n/a`. Each row counts the results
+forced and the expressions the calculator refused (those are left to the model).
+
+GPUs: `--gpus-per-actor N` gives each actor N GPUs (a fraction shares one) and puts its models
+there, in `--dtype` (default `auto`: bf16 on GPU, fp32 on CPU). A request for more GPUs than the
+cluster has fails at once with what was asked and what there is.
 
 Output: `<output>/predictions/<method>/*.parquet`, one row per problem and setting (id, gold,
 predicted, steps, correct, tokens generated, ...); `summary.json` and `results.md` hold the
@@ -37,6 +43,7 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +66,7 @@ from socratic.formats import (
     parse_unified,
     unified_prompt,
 )
-from socratic.generate import Generator
+from socratic.generate import DTYPES, Generator
 from socratic.records import STEP_TYPE
 from socratic.solve import DEFAULT_MAX_STEPS, solve_many
 
@@ -75,6 +82,8 @@ METHOD_ROLES = {
 }
 ONE_PASS_PROMPT = {"unified": unified_prompt, "cot": cot_prompt, "answer": answer_prompt}
 CALCULATOR_SETTINGS = {"on": (True,), "off": (False,), "both": (True, False)}
+# The methods whose students write `<<expr=value>>` arithmetic, scored with and without.
+CALCULATOR_METHODS = ("iterative", "unified", "cot")
 
 PREDICTION_SCHEMA = pa.schema(
     [
@@ -82,7 +91,7 @@ PREDICTION_SCHEMA = pa.schema(
         ("dataset", pa.string()),
         ("split", pa.string()),
         ("method", pa.string()),
-        ("calculator", pa.bool_()),  # null: a one-pass method, scored as written
+        ("calculator", pa.bool_()),  # null: a method that writes no arithmetic (`answer`)
         ("question", pa.string()),
         ("gold", pa.string()),
         ("predicted", pa.string()),
@@ -91,7 +100,9 @@ PREDICTION_SCHEMA = pa.schema(
         ("text", pa.string()),  # one-pass methods: the model's text; iterative: null
         ("tokens", pa.int64()),  # tokens generated for this problem, over every model call
         ("fallback", pa.bool_()),  # iterative: the decomposer produced no sub-question
-        ("calculator_errors", pa.int64()),
+        ("calculator_forced", pa.int64()),  # results forced inside decoding
+        ("calculator_refused", pa.int64()),  # expressions refused (left to the model)
+        ("truncated", pa.int64()),  # model calls whose prompt was cut to fit the model
     ]
 )
 
@@ -117,7 +128,9 @@ class EvaluateConfig:
     cot: str | None = option(None, help="chain-of-thought student dir (default: MODELS/cot)")
     answer: str | None = option(None, help="answer-only student dir (default: MODELS/answer)")
     calculator: str = option(
-        "on", help="iterative: recompute <<expr>> spans", choices=tuple(CALCULATOR_SETTINGS)
+        "on",
+        help="force <<expr=>> results while decoding (iterative, unified, cot)",
+        choices=tuple(CALCULATOR_SETTINGS),
     )
     max_steps: int = option(DEFAULT_MAX_STEPS, help="iterative: most sub-questions per problem")
     max_new_tokens: int = option(128, help="tokens generated per model call")
@@ -125,6 +138,10 @@ class EvaluateConfig:
     actors: int = option(1, help="model-holding actors in the pool")
     actor_cpus: float = option(1.0, help="CPUs per actor; leave one for read/write tasks")
     num_threads: int | None = option(None, help="torch threads per actor (default: torch's)")
+    gpus_per_actor: float = option(0.0, help="GPUs per actor (a fraction shares one); 0: CPU")
+    dtype: str = option(
+        "auto", help="model dtype; auto: bf16 on GPU, fp32 on CPU", choices=tuple(DTYPES)
+    )
     output: str = option("outputs/eval", help="output folder: local path or a pyarrow URI")
     address: str | None = option(None, help="Ray address (default: RAY_ADDRESS or a local cluster)")
 
@@ -134,6 +151,8 @@ class EvaluateConfig:
             raise ValueError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
         if self.batch_size < 1 or self.actors < 1 or self.max_steps < 1:
             raise ValueError("--batch-size, --actors and --max-steps must be at least 1")
+        if self.gpus_per_actor < 0:
+            raise ValueError("--gpus-per-actor must be 0 or more")
 
     @property
     def method_list(self) -> list[str]:
@@ -168,13 +187,16 @@ class Evaluator:
         self,
         method: str,
         dirs: dict[str, str],
-        calculators: Sequence[bool],
+        calculators: Sequence[bool | None],
         max_steps: int,
         max_new_tokens: int,
         num_threads: int | None,
+        device: str = "cpu",
+        dtype: str = "auto",
     ) -> None:
         self.method, self.calculators, self.max_steps = method, calculators, max_steps
         kw = {"max_new_tokens": max_new_tokens, "num_threads": num_threads}
+        kw |= {"device": device, "dtype": dtype}
         self.models = {role: Generator(dirs[role], **kw) for role in METHOD_ROLES[method]}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -195,17 +217,20 @@ class Evaluator:
             "calculator": None,
             "text": None,
             "fallback": False,
-            "calculator_errors": 0,
+            "calculator_forced": 0,
+            "calculator_refused": 0,
+            "truncated": 0,
             **fields,
         }
 
     def _iterative(self, problems: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        dec, sol = self.models["decomposer"].complete, self.models["solver"].complete
+        dec = self.models["decomposer"].complete
         by_kind: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for p in problems:
             by_kind[p["answer_kind"]].append(p)
         rows = []
         for calculator in self.calculators:
+            sol = partial(self.models["solver"].complete, calculator=bool(calculator))
             for kind, group in by_kind.items():
                 questions = [p["question"] for p in group]
                 kw = {"max_steps": self.max_steps, "calculator": calculator, "answer_kind": kind}
@@ -218,20 +243,36 @@ class Evaluator:
                             steps=[x.to_dict() for x in s.steps],
                             tokens=s.tokens,
                             fallback=s.fallback,
-                            calculator_errors=len(s.calculator_errors),
+                            calculator_forced=s.calculator_forced,
+                            calculator_refused=s.calculator_refused,
+                            truncated=s.truncated,
                         )
                     )
         return rows
 
     def _one_pass(self, problems: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        prompt = ONE_PASS_PROMPT[self.method]
-        outs = self.models[self.method].complete([prompt(p["question"]) for p in problems])
+        """One generate per calculator setting; the text is scored as decoded (with the
+        calculator inside decoding, nothing is patched afterwards)."""
+        model, prompt = self.models[self.method], ONE_PASS_PROMPT[self.method]
+        prompts = [prompt(p["question"]) for p in problems]
         rows = []
-        for p, out in zip(problems, outs, strict=True):
-            predicted, steps = read_one_pass(self.method, out.text, p["answer_kind"])
-            rows.append(
-                self._row(p, predicted, steps=steps, text=out.text, tokens=out.completion_tokens)
-            )
+        for calculator in self.calculators:
+            outs = model.complete(prompts, calculator=bool(calculator))
+            for p, out in zip(problems, outs, strict=True):
+                predicted, steps = read_one_pass(self.method, out.text, p["answer_kind"])
+                rows.append(
+                    self._row(
+                        p,
+                        predicted,
+                        calculator=calculator,
+                        steps=steps,
+                        text=out.text,
+                        tokens=out.completion_tokens,
+                        calculator_forced=out.calculator_forced,
+                        calculator_refused=out.calculator_refused,
+                        truncated=int(out.truncated),
+                    )
+                )
         return rows
 
 
@@ -277,13 +318,16 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     fs, root = output_fs(cfg.output)
     if not ray.is_initialized():
         ray.init(address=cfg.address, configure_logging=False)
+    check_gpus(cfg, ray.cluster_resources())
     log.info("%d problems of %s/%s; methods %s", len(items), cfg.dataset, cfg.split, cfg.methods)
     for method in cfg.method_list:
         t = time.perf_counter()
         target = posixpath.join(root, "predictions", method)
         if fs.get_file_info(target).type != pafs.FileType.NotFound:
             fs.delete_dir(target)  # a rerun replaces this method's predictions, never mixes them
-        calculators = CALCULATOR_SETTINGS[cfg.calculator] if method == "iterative" else (None,)
+        calculators = (
+            CALCULATOR_SETTINGS[cfg.calculator] if method in CALCULATOR_METHODS else (None,)
+        )
         blocks = max(1, math.ceil(len(items) / cfg.batch_size))
         ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
             Evaluator,
@@ -294,11 +338,14 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
                 "max_steps": cfg.max_steps,
                 "max_new_tokens": cfg.max_new_tokens,
                 "num_threads": cfg.num_threads,
+                "device": "cuda" if cfg.gpus_per_actor > 0 else "cpu",
+                "dtype": cfg.dtype,
             },
             batch_format="pyarrow",
             batch_size=cfg.batch_size,
             compute=ray.data.ActorPoolStrategy(size=cfg.actors),
             num_cpus=cfg.actor_cpus,
+            num_gpus=cfg.gpus_per_actor,
         )
         ds.write_parquet(
             posixpath.join(cfg.output, "predictions", method) if "://" in cfg.output else target,
@@ -311,6 +358,22 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     with fs.open_output_stream(posixpath.join(root, "results.md")) as f:
         f.write(results_markdown(summary).encode())
     return summary
+
+
+def check_gpus(cfg: EvaluateConfig, resources: dict[str, float]) -> None:
+    """Refuse, before any actor waits for them, GPUs the cluster does not have (Ray would
+    otherwise queue the actors for ever)."""
+    if cfg.gpus_per_actor <= 0:
+        return
+    need, have = cfg.gpus_per_actor, resources.get("GPU", 0)
+    if need > have:
+        raise ValueError(
+            f"--gpus-per-actor {need:g} asks for more GPUs than the cluster has ({have:g} GPU "
+            f"in {resources.get('CPU', 0):g} CPUs); use --gpus-per-actor 0 to run on CPU"
+        )
+    if cfg.actors * need > have:
+        log.warning("%d actors x %g GPUs > %g GPUs: some actors will wait for a GPU",
+                    cfg.actors, need, have)  # fmt: skip
 
 
 def read_predictions(fs: pafs.FileSystem, root: str, method: str) -> pa.Table:
@@ -348,6 +411,9 @@ def summarize(
                     if group
                     else None,
                     "fallbacks": sum(r["fallback"] for r in group),
+                    "calculator_forced": sum(r["calculator_forced"] for r in group),
+                    "calculator_refused": sum(r["calculator_refused"] for r in group),
+                    "truncated": sum(r["truncated"] for r in group),
                 }
             )
     return {
@@ -424,9 +490,14 @@ def format_summary(s: dict[str, Any]) -> str:
         )
         gaps = f", {r['missing']} missing" if r["missing"] else ""
         gaps += f", {r['duplicates']} duplicated" if r["duplicates"] else ""
+        extra = ""
+        if r["calculator"]:
+            extra = f", {r['calculator_forced']} results forced, {r['calculator_refused']} refused"
+        if r.get("truncated"):
+            extra += f", {r['truncated']} prompts truncated"
         lines.append(
             f"  {r['method']}{calc}: {r['accuracy']} % ({r['correct']}/{r['problems']}{gaps}), "
-            f"{r['tokens_per_problem']} tokens/problem"
+            f"{r['tokens_per_problem']} tokens/problem{extra}"
         )
     lines.append(f"  wall {s['wall_s']} s")
     return "\n".join(lines)

@@ -2,9 +2,12 @@
 
 Why: small students learn to *set up* arithmetic far more easily than to *do* it; a 100M-1B
 parameter model that writes ``48/2`` will happily continue with ``=25``. Following the GSM8K
-set-up used by the Socratic distillation paper, the solving loop lets the model write the
-expression and lets this module supply the result: every ``<<EXPR=...>>`` span is recomputed and
-the number the model copied after it is overwritten (``apply_calculator``).
+set-up used by the Socratic distillation paper, the model writes the expression and this module
+supplies the result. It does so inside decoding (``socratic.generate.CalculatorForcing`` calls
+``evaluate`` the moment a row has written ``<<EXPR=`` and forces the result), so the model
+continues from the right value. ``apply_calculator`` is the after-the-fact fallback for text
+that bypassed decoding: it recomputes every ``<<EXPR=...>>`` span and overwrites the number the
+model copied after it.
 
 Accepted grammar (anything else raises ``CalculatorError`` naming what was found)::
 

@@ -11,9 +11,13 @@ solver the problem, every earlier (sub-question, answer) pair and the next sub-q
 final answer is read from the last sub-answer with `socratic.answers.extract_answer`.
 
 Calculator (on by default): solver answers keep GSM8K annotations (`48/2 = <<48/2=24>>24`), and
-small students set up arithmetic far better than they carry it out, so every `<<expr=...>>` span
-is recomputed by `socratic.calculator` before the answer is kept - and so before later steps see
-it. This is the paper's GSM8K set-up; turn it off to measure the student's own arithmetic.
+small students set up arithmetic far better than they carry it out. As in the GSM8K paper, the
+result is forced inside decoding: give the loop a solver that runs `Generator.complete(...,
+calculator=True)` (e.g. `functools.partial(gen.complete, calculator=True)`); its Completions
+say so, and carry how many results were forced and how many expressions were refused. Text that
+bypassed it (a solver returning plain strings, or a Completion decoded without the calculator)
+gets the after-the-fact fix instead, `socratic.calculator.apply_calculator`, before the answer
+is kept - and so before later steps see it. Turn it off to measure the student's own arithmetic.
 """
 
 from __future__ import annotations
@@ -74,9 +78,12 @@ class Solution:
     steps: list[Step]
     decomposition: list[str]
     timings: dict[str, float] = field(default_factory=dict)
-    calculator_errors: list[str] = field(default_factory=list)
+    calculator_errors: list[str] = field(default_factory=list)  # why each refusal was refused
     fallback: bool = False  # the decomposer gave no sub-question; the problem's own was used
     tokens: int = 0  # generated tokens over every call, when the models return Completions
+    calculator_forced: int = 0  # results forced inside decoding (Completions only)
+    calculator_refused: int = 0  # expressions the calculator refused, in decoding or after
+    truncated: int = 0  # model calls whose prompt was cut to fit the model (Completions only)
 
     def to_dict(self) -> dict:
         return {
@@ -107,37 +114,48 @@ def solving_loop(
     if max_steps < 1:
         raise ValueError("max_steps must be at least 1")
     timings: dict[str, float] = {}
-    tokens = 0
+    counts = {"tokens": 0, "calculator_forced": 0, "calculator_refused": 0, "truncated": 0}
+    errors: list[str] = []
 
-    def text_of(reply: Reply | None) -> str:
-        nonlocal tokens
-        if isinstance(reply, Completion):
-            tokens += reply.completion_tokens
-            return reply.text
-        return reply or ""
+    def text_of(reply: Reply | None) -> tuple[str, bool]:
+        """The reply's text, and whether the calculator already ran inside its decoding."""
+        if not isinstance(reply, Completion):
+            return reply or "", False
+        if reply.calculator and not calculator:
+            raise ValueError(
+                "the solver decoded with the calculator but the loop's calculator is off; "
+                "pass the same setting to both"
+            )
+        counts["tokens"] += reply.completion_tokens
+        counts["calculator_forced"] += reply.calculator_forced
+        counts["calculator_refused"] += reply.calculator_refused
+        counts["truncated"] += reply.truncated
+        errors.extend(reply.calculator_errors)
+        return reply.text, reply.calculator
 
     t = time.perf_counter()
-    text = text_of((yield Ask(DECOMPOSER, decomposer_prompt(problem))))
+    text, _ = text_of((yield Ask(DECOMPOSER, decomposer_prompt(problem))))
     timings["decompose_s"] = time.perf_counter() - t
     questions = parse_decomposition(text)[:max_steps]
     fallback = not questions
     if fallback:
         questions = [fallback_question(problem)]
     steps: list[Step] = []
-    errors: list[str] = []
     for k, q in enumerate(questions, 1):
         t = time.perf_counter()
-        raw = text_of((yield Ask(SOLVER, solver_prompt(problem, steps, q))))
+        raw, in_decoding = text_of((yield Ask(SOLVER, solver_prompt(problem, steps, q))))
         timings[f"step{k}_s"] = time.perf_counter() - t
         answer = parse_solver(raw) or "(no answer)"
-        if calculator:
+        if calculator and not in_decoding:  # the fallback, for text that bypassed decoding's
             result = apply_calculator(answer)
-            answer, errors = result.text, errors + result.errors
+            answer = result.text
+            errors.extend(result.errors)
+            counts["calculator_refused"] += len(result.errors)
         steps.append(Step(q, answer))
         yield Solved(k, steps[-1])
     final = extract_answer(steps[-1].answer, answer_kind)
     timings["total_s"] = sum(timings.values())
-    return Solution(problem, final, steps, questions, timings, errors, fallback, tokens)
+    return Solution(problem, final, steps, questions, timings, errors, fallback, **counts)
 
 
 def solve(problem: str, decompose: Generate, solve_step: Generate, **kw) -> Solution:

@@ -8,23 +8,30 @@ Data path gives exactly what the in-process loop (the one Serve runs) gives on t
 from __future__ import annotations
 
 import json
+import re
+from functools import partial
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipelines.evaluate import (
     PREDICTION_SCHEMA,
     EvaluateConfig,
+    Evaluator,
+    check_gpus,
     main,
     read_one_pass,
     run,
 )
 from socratic.adapters import DatasetSpec, load_problems
 from socratic.answers import answers_match
+from socratic.calculator import evaluate, format_number
 from socratic.generate import Generator
 from socratic.solve import solve
 from tests.support.paths import require_shared
+from tests.support.wrong_arith import CASES, DECOMPOSITIONS, wrong_arith_model_dir
 
 TEST = list(load_problems(DatasetSpec("sample", split="test")))
 
@@ -52,13 +59,19 @@ def test_every_method_scores_every_problem_once(ray_cluster, tiny_model_dir, tmp
     ids = sorted(p.id for p in TEST)
     gold = {p.id: p.answer for p in TEST}
     iterative = _rows(out, "iterative")
-    for calculator in (True, False):
-        rows = [r for r in iterative if r["calculator"] is calculator]
-        assert sorted(r["id"] for r in rows) == ids
+    # Every method that writes arithmetic is scored with the calculator on and off.
+    for method in ("iterative", "unified", "cot"):
+        rows = _rows(out, method)
+        for calculator in (True, False):
+            assert sorted(r["id"] for r in rows if r["calculator"] is calculator) == ids
+        assert all(r["calculator_forced"] == r["calculator_refused"] == 0
+                   for r in rows if r["calculator"] is False)  # fmt: skip
+        assert all(r["truncated"] == 0 for r in rows)
+    answer = _rows(out, "answer")
+    assert sorted(r["id"] for r in answer) == ids and all(r["calculator"] is None for r in answer)
     for method in ("unified", "cot", "answer"):
         rows = _rows(out, method)
-        assert sorted(r["id"] for r in rows) == ids
-        assert all(r["calculator"] is None and r["text"] is not None for r in rows)
+        assert all(r["text"] is not None for r in rows)
         for r in rows:  # the predicted answer is what the method's reader makes of the text
             assert r["predicted"] == read_one_pass(method, r["text"], "number")[0]
             assert 0 < r["tokens"] <= 16
@@ -72,23 +85,26 @@ def test_every_method_scores_every_problem_once(ray_cluster, tiny_model_dir, tmp
     assert json.loads((out / "summary.json").read_text()) == summary
     by = {(r["method"], r["calculator"]): r for r in summary["results"]}
     assert set(by) == {
-        ("iterative", True), ("iterative", False), ("unified", None), ("cot", None),
-        ("answer", None),
+        ("iterative", True), ("iterative", False), ("unified", True), ("unified", False),
+        ("cot", True), ("cot", False), ("answer", None),
     }  # fmt: skip
     for (method, calculator), r in by.items():
         rows = [x for x in every if x["method"] == method and x["calculator"] == calculator]
         assert (r["problems"], r["missing"], r["duplicates"]) == (len(TEST), 0, 0)
         assert r["correct"] == sum(x["correct"] for x in rows)
         assert r["tokens"] == sum(x["tokens"] for x in rows)
+        assert r["calculator_forced"] == sum(x["calculator_forced"] for x in rows)
+        assert r["calculator_refused"] == sum(x["calculator_refused"] for x in rows)
     table = (out / "results.md").read_text()
     assert "| Socratic, decomposer + solver | on |" in table
+    assert "| Chain of thought | off |" in table and "| Socratic, unified student | on |" in table
     assert "| Answer only | n/a |" in table
 
     # Same model, same greedy loop in-process: the Ray Data actors must give the same answers,
     # steps and token counts (batched or not).
     gen = Generator(tiny_model_dir, max_new_tokens=16)
     for r in [x for x in iterative if x["calculator"]]:
-        sol = solve(r["question"], gen.complete, gen.complete)
+        sol = solve(r["question"], gen.complete, partial(gen.complete, calculator=True))
         assert (r["predicted"], r["steps"], r["tokens"]) == (
             sol.answer,
             [s.to_dict() for s in sol.steps],
@@ -98,6 +114,49 @@ def test_every_method_scores_every_problem_once(ray_cluster, tiny_model_dir, tmp
     # A rerun replaces a method's predictions; it never adds a second copy.
     run(_cfg(tiny_model_dir, out, methods="answer"))
     assert len(_rows(out, "answer")) == len(TEST)
+
+
+def test_the_calculator_is_scored_on_and_off_for_every_method_that_writes_arithmetic(
+    tmp_path_factory,
+) -> None:
+    """An actor's rows, in-process, with a student that learnt wrong arithmetic: on, the spans
+    are right and counted; off, the student's own values stand."""
+    model = str(wrong_arith_model_dir(tmp_path_factory))
+    by_question = {c.prompt.splitlines()[0].removeprefix("Problem: "): c for c in CASES}
+    problems = {
+        "iterative": list(DECOMPOSITIONS),
+        "unified": [q for q, c in by_question.items() if c.prompt.endswith("Steps:\n")],
+        "cot": [q for q, c in by_question.items() if c.prompt.endswith("Solution:\n")],
+    }
+    for method, questions in problems.items():
+        items = [{"id": f"t/{i}", "dataset": "t", "split": "test", "question": q, "answer": "1",
+                  "answer_kind": "number"} for i, q in enumerate(questions)]  # fmt: skip
+        roles = {r: model for r in ("decomposer", "solver", method)}
+        actor = Evaluator(method, roles, (True, False), max_steps=2, max_new_tokens=64,
+                          num_threads=None)  # fmt: skip
+        rows = actor(pa.Table.from_pylist(items)).to_pylist()
+        assert [r["calculator"] for r in rows] == [True] * len(items) + [False] * len(items)
+        for r in rows:
+            text = r["text"] or "\n".join(s["answer"] for s in r["steps"])
+            spans = re.findall(r"<<([^<>=]*)=([^<>]*)>>", text)
+            assert spans, (method, text)
+            right = [v == format_number(evaluate(e)) for e, v in spans]
+            if r["calculator"]:
+                assert all(right) and r["calculator_forced"] == len(spans), (method, text)
+            else:
+                assert not any(right) and r["calculator_forced"] == 0, (method, text)
+            assert r["calculator_refused"] == 0
+
+
+def test_gpus_the_cluster_lacks_are_refused_before_any_actor_waits(
+    ray_cluster, tiny_model_dir, tmp_path
+) -> None:
+    cfg = _cfg(tiny_model_dir, tmp_path / "eval", methods="answer", gpus_per_actor=1)
+    with pytest.raises(ValueError, match=r"--gpus-per-actor 1 asks for more GPUs .* \(0 GPU"):
+        run(cfg)
+    check_gpus(cfg, {"CPU": 16, "GPU": 1})  # fits: no error
+    with pytest.raises(ValueError, match="--gpus-per-actor"):
+        EvaluateConfig(dataset="sample", gpus_per_actor=-1)
 
 
 def test_a_missing_student_is_named_before_any_work(tmp_path, capsys) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
@@ -114,3 +115,26 @@ def test_loop_runs_with_a_real_hf_model(tiny_model_dir) -> None:
     results = solve_many([PROBLEM, "Is it? How many?"], generate, generate, max_steps=3)
     assert len(results) == 2
     assert all(1 <= len(r.steps) <= 3 for r in results)
+
+
+def test_the_fallback_fix_is_only_for_text_that_bypassed_decodings_calculator() -> None:
+    """A Completion decoded with the calculator is kept as decoded and its counts add up; a
+    plain string (or one decoded without it) gets the after-the-fact fix."""
+    from socratic.generate import Completion
+
+    dec, sol = _models()
+
+    def as_completion(fn: Scripted, **kw) -> Callable[[list[str]], list[Completion]]:
+        return lambda prompts: [Completion(t, 1, 2, "stop", **kw) for t in fn(prompts)]
+
+    decoded = as_completion(
+        sol, calculator=True, calculator_forced=1, calculator_refused=1, calculator_errors=("x",)
+    )
+    result = solve(PROBLEM, dec, decoded)
+    assert result.steps[0].answer == "3*4 = <<3*4=13>>13"  # as decoded: no rewrite
+    assert (result.calculator_forced, result.calculator_refused) == (2, 2)
+    assert result.calculator_errors == ["x", "x"] and result.tokens == 4
+    bypassed = solve(PROBLEM, dec, as_completion(sol, truncated=True))
+    assert bypassed.steps[0].answer == "3*4 = <<3*4=12>>12" and bypassed.truncated == 2
+    with pytest.raises(ValueError, match="calculator is off"):
+        solve(PROBLEM, dec, decoded, calculator=False)
