@@ -282,7 +282,7 @@ def _llm_postprocess(row: dict[str, Any]) -> dict[str, Any]:
 
 def llm_items(problems: Path, rows: int) -> list[dict[str, str]]:
     """The request our pipeline sends for each problem, as ray.data.llm input rows."""
-    from pipelines.teacher import Prompt
+    from pipelines.prompting import Prompt
     from socratic.adapters import DatasetSpec, load_problems
 
     prompt = Prompt.default("socratic", "number")

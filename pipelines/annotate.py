@@ -42,18 +42,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.teacher import (
-    NO_GOLD_STEPS,
-    STYLES,
-    FatalTeacherError,
-    Prompt,
-    RetryPolicy,
-    Secret,
-    TeacherClient,
-    cache_key,
-    is_transient,
-    judge,
-)
+from pipelines.prompting import NO_GOLD_STEPS, STYLES, Prompt, cache_key, is_transient, judge
+from pipelines.teacher_client import FatalTeacherError, RetryPolicy, Secret, TeacherClient
 from socratic.adapters import DATASETS, DatasetSpec, load_problems
 from socratic.config import option, parse_config
 from socratic.formats import unified_target

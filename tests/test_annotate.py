@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.annotate import AnnotateConfig, output_fs, parquet_files, run
-from pipelines.teacher import FatalTeacherError
+from pipelines.teacher_client import FatalTeacherError
 from socratic.adapters import DatasetSpec, load_problems
 from socratic.records import ANNOTATION_SCHEMA
 from tests.support.paths import REPO, require_shared
