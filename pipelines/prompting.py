@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from socratic.answers import answers_match, extract_answer
+from socratic.answers import answers_match, extract_answer, parse_number
+from socratic.calculator import CalculatorError, apply_calculator, evaluate
 from socratic.formats import clean, parse_cot, parse_unified
 from socratic.records import ACCEPTED, REJECTED, Problem, Step
 
@@ -163,3 +165,43 @@ def judge(problem: Problem, text: str, style: str) -> Verdict:
         return Verdict(steps, None, REJECTED, UNPARSEABLE)
     ok = answers_match(predicted, problem.answer)
     return Verdict(steps, predicted, ACCEPTED if ok else REJECTED, None if ok else WRONG_ANSWER)
+
+
+# --- per-step checks ---------------------------------------------------------------------------
+
+WRONG_STEP = "wrong_step"
+STEP_CHECKS = ("reject", "repair", "off")
+_SPAN = re.compile(r"<<([^<>=]+)=([^<>]*)>>")
+
+
+def check_steps(steps: Sequence[Step]) -> tuple[int, tuple[Step, ...]]:
+    """(number of `<<expr=value>>` spans whose value is wrong, the steps with them recomputed).
+
+    Only the final answer is compared with gold, so a reply can reach it through a wrong
+    intermediate result; the student would then learn that step. The calculator is the same one
+    that runs inside decoding, so a repaired value is what the student will be forced to write.
+    A span the calculator refuses (not arithmetic) is left alone, not counted as wrong.
+    """
+    wrong = 0
+    out = []
+    for step in steps:
+        bad = 0
+        for m in _SPAN.finditer(step.answer):
+            try:
+                value = evaluate(m[1])
+            except CalculatorError:
+                continue
+            claimed = parse_number(m[2])
+            if claimed is None or claimed != value:
+                bad += 1
+        wrong += bad
+        out.append(Step(step.question, apply_calculator(step.answer).text) if bad else step)
+    return wrong, tuple(out)
+
+
+def decomposition_id(steps: Sequence[Step]) -> str | None:
+    """Identity of a decomposition (its sub-questions): K samples sharing it are one answer."""
+    if not steps:
+        return None
+    text = "\n".join(" ".join(s.question.lower().split()) for s in steps)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

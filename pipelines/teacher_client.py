@@ -197,11 +197,30 @@ def _message(exc: BaseException) -> str:
     return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
 
 
+class BudgetExhausted(RuntimeError):
+    """The spend cap (`--max-cost-usd`) is reached: no new call starts; the row stays to do."""
+
+
+@dataclass(frozen=True)
+class Prices:
+    """USD per million prompt and completion tokens."""
+
+    prompt: float = 0.0
+    completion: float = 0.0
+
+    def cost(self, prompt_tokens: float, completion_tokens: float) -> float:
+        return (prompt_tokens * self.prompt + completion_tokens * self.completion) / 1e6
+
+
 class TeacherClient:
     """One `AsyncOpenAI` client with a bound on requests in flight, rate limits and retries.
 
     One async client with many requests in flight is what is fast for I/O-bound teacher calls
-    (ENVIRONMENT.md: 45.7 vs 3.9 rows/s for many sync actors on 2 cores).
+    (ENVIRONMENT.md: 45.7 vs 3.9 rows/s for many sync actors on 2 cores). The first fatal status
+    (401/403/404) stops the client: calls waiting for a slot then raise without being sent, so a
+    wrong key costs at most `max_in_flight` calls whatever the dataset size. A spend cap works
+    the same way, counted from the usage each reply reports: calls already in flight finish
+    (they are paid for), no new one starts.
     """
 
     def __init__(
@@ -217,6 +236,8 @@ class TeacherClient:
         retry: RetryPolicy | None = None,
         sampling: Mapping[str, Any] | None = None,
         seed: int = 0,
+        prices: Prices | None = None,
+        budget_usd: float | None = None,
     ) -> None:
         import openai
 
@@ -225,11 +246,23 @@ class TeacherClient:
         self.retry = retry or RetryPolicy()
         self.limiter = RateLimiter(rpm, tpm)
         self.stats = TeacherStats()
+        self.prices = prices or Prices()
+        self.budget_usd = budget_usd
+        self.spent_usd = 0.0
+        self.fatal: FatalTeacherError | None = None
         self._semaphore = asyncio.Semaphore(max_in_flight)
         self._rng = random.Random(seed)
         self._client = openai.AsyncOpenAI(
             base_url=base_url, api_key=api_key.get(), max_retries=0, timeout=timeout_s
         )
+
+    def _check_can_start(self) -> None:
+        if self.fatal is not None:
+            raise FatalTeacherError(str(self.fatal))
+        if self.budget_usd is not None and self.spent_usd >= self.budget_usd:
+            raise BudgetExhausted(
+                f"spend ${self.spent_usd:.4f} reached the cap ${self.budget_usd:.4f}"
+            )
 
     async def complete(self, messages: Sequence[Mapping[str, str]]) -> CallResult:
         estimate = sum(len(m["content"]) for m in messages) / 4 + self.sampling.get(
@@ -238,15 +271,21 @@ class TeacherClient:
         attempt = 0
         while True:
             attempt += 1
+            self._check_can_start()
             await self.limiter.acquire(estimate)
             async with self._semaphore:
+                self._check_can_start()  # checked again: a call may have failed while we waited
                 self.stats.calls += 1
                 try:
                     resp = await self._client.chat.completions.create(
                         model=self.model, messages=list(messages), **self.sampling
                     )
                 except Exception as exc:  # noqa: BLE001 - each failure is classified below
-                    kind, retryable, retry_after = _classify(exc)
+                    try:
+                        kind, retryable, retry_after = _classify(exc)
+                    except FatalTeacherError as fatal:
+                        self.fatal = self.fatal or fatal
+                        raise
                     self.limiter.settle(estimate, 0)
                     error = f"api_error: {kind}: {_message(exc)}"
                 else:
@@ -254,6 +293,7 @@ class TeacherClient:
                     pt = usage.prompt_tokens if usage else 0
                     ct = usage.completion_tokens if usage else 0
                     self.limiter.settle(estimate, pt + ct)
+                    self.spent_usd += self.prices.cost(pt, ct)
                     text = resp.choices[0].message.content if resp.choices else None
                     return CallResult(text or "", pt, ct, attempt)
             self.stats.by_error[kind] = self.stats.by_error.get(kind, 0) + 1
