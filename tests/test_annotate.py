@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.annotate import AnnotateConfig, output_fs, parquet_files, run
+from pipelines.annotate import AnnotateConfig, SpendRefused, output_fs, parquet_files, run
 from pipelines.teacher_client import FatalTeacherError
 from socratic.adapters import DatasetSpec, load_problems
 from socratic.records import ANNOTATION_SCHEMA
@@ -333,3 +333,95 @@ def test_killed_run_loses_at_most_the_calls_in_flight(tmp_path) -> None:
         f"\nkilled after {len(called_before)} problems were called; the rerun asked again for "
         f"{len(paid_twice)} of them (in flight at the kill: at most {in_flight})"
     )
+
+
+def test_a_wrong_key_costs_at_most_max_in_flight_calls(ray_cluster, tmp_path) -> None:
+    with TeacherServer(SAMPLE, api_key="right-key") as server:
+        cfg = _cfg(tmp_path, server, api_key_env="WRONG_KEY_FOR_TEST", max_in_flight=2)
+        with pytest.raises(FatalTeacherError, match=r"refused the request \(401\)"):
+            run(cfg)
+        assert 1 <= server.stats()["requests"] <= 2, server.stats()["requests"]
+
+
+def test_the_key_comes_from_the_nodes_environment_not_the_actors_arguments(
+    ray_cluster, tmp_path
+) -> None:
+    from ray import cloudpickle
+
+    from pipelines.annotate import annotator_kwargs
+
+    cfg = _cfg(tmp_path, TeacherServer(SAMPLE), api_key_env="SOCRATIC_TEST_KEY")
+    assert SECRET.encode() not in cloudpickle.dumps(annotator_kwargs(cfg, None))
+    # Set in the driver only, after the cluster's nodes started: the actors do not see it.
+    os.environ["KEY_SET_AFTER_RAY_STARTED"] = "sk-late"
+    cfg = AnnotateConfig(
+        dataset="sample",
+        split="all",
+        output=str(tmp_path / "late"),
+        limit=2,
+        api_key_env="KEY_SET_AFTER_RAY_STARTED",
+    )
+    with pytest.raises(FatalTeacherError, match=r"KEY_SET_AFTER_RAY_STARTED is not set on this"):
+        run(cfg)
+
+
+def test_dry_run_and_a_refused_estimate_call_nothing(ray_cluster, teacher, tmp_path, capsys):
+    cfg = _cfg(tmp_path, teacher, dry_run=True, price_in=1.0, price_out=2.0, max_tokens=100)
+    summary = run(cfg)
+    est = summary["estimate"]
+    assert summary["dry_run"] and est["calls"] == 40 and est["completion_tokens"] == 4000
+    assert est["prompt_tokens"] > 40 * 100
+    assert est["cost_usd"] == pytest.approx((est["prompt_tokens"] + 2 * 4000) / 1e6)
+    # No tiktoken encoding offline / for this model name: the count says it is approximate.
+    assert est["prompt_tokens_by"].startswith("approximation")
+    assert "estimate: 40 teacher calls" in capsys.readouterr().out
+    with pytest.raises(SpendRefused, match="above --max-cost-usd"):
+        run(_cfg(tmp_path, teacher, price_in=1.0, price_out=2.0, max_cost_usd=0.001))
+    assert teacher.stats()["requests"] == 0
+
+
+def test_spend_cap_stops_cleanly_and_the_rerun_finishes(ray_cluster, teacher, tmp_path) -> None:
+    # The estimate counts --max-tokens 8 per reply; the teacher writes far more, so real spend
+    # reaches the cap (the estimate itself) well before the end.
+    price = dict(price_in=0.0, price_out=1000.0, max_tokens=8, max_in_flight=2)
+    estimate = run(_cfg(tmp_path, teacher, dry_run=True, **price))["estimate"]["cost_usd"]
+    cfg = _cfg(tmp_path, teacher, max_cost_usd=estimate, **price)
+    summary = run(cfg)
+    assert summary["stopped"] and "--max-cost-usd" in summary["stopped"]
+    assert 0 < summary["rows"] < 40 and summary["missing_rows"] == 40 - summary["rows"]
+    assert summary["cost_usd"] >= estimate
+    biggest = max(r["completion_tokens"] for r in _rows(cfg.output)) * 1000.0 / 1e6
+    assert summary["cost_usd"] < estimate + 2 * biggest  # only the calls in flight overshoot
+    assert teacher.stats()["requests"] == summary["rows"]
+    teacher.reset_stats()
+    again = run(_cfg(tmp_path, teacher, **price))
+    assert (again["rows"], again["missing_rows"], again["stopped"]) == (40, 0, None)
+    assert teacher.stats()["requests"] == 40 - summary["rows"]
+
+
+def test_step_checks_and_repeated_decompositions(ray_cluster, teacher, tmp_path) -> None:
+    pid = SAMPLE[0].id
+    teacher.set_plan(FaultPlan(per_problem={pid: ["wrong_step"]}))
+    cfg = _cfg(tmp_path, teacher, limit=4, samples=2)
+    summary = run(cfg)
+    rows = _rows(cfg.output)
+    bad = [r for r in rows if r["step_check"] == "wrong"]
+    assert len(bad) == 1 and bad[0]["id"] == pid
+    assert (bad[0]["status"], bad[0]["reason"]) == ("rejected", "wrong_step")
+    assert bad[0]["predicted"] == SAMPLE[0].answer  # the final answer alone would have passed
+    assert summary["rejected_by_reason"] == {"wrong_step": 1}
+    assert summary["step_check"] == {"ok": 7, "wrong": 1}
+    # Temperature 0, two samples: every problem's two decompositions are the same one.
+    assert summary["repeated_decompositions"] == 4
+    assert any("--temperature 0" in w for w in summary["warnings"])
+
+    teacher.set_plan(FaultPlan(per_problem={pid: ["wrong_step"]}))
+    repair = _cfg(tmp_path, teacher, limit=1, step_check="repair", output=str(tmp_path / "r"))
+    summary = run(repair)
+    (row,) = _rows(repair.output)
+    assert (row["status"], row["step_check"], summary["step_check"]) == (
+        "accepted",
+        "repaired",
+        {"repaired": 1},
+    )
+    assert [s["answer"] for s in row["steps"]] == [s.answer for s in SAMPLE[0].steps]
