@@ -3,20 +3,26 @@
     ray job submit --working-dir . -- python pipelines/annotate.py \\
         --dataset gsm8k --split train --output s3://bucket/gsm8k-train --model gpt-4o-mini
 
-Pipeline: problems -> drop those already answered in --output -> one async actor (AsyncOpenAI,
-bounded requests in flight, rate limits, retries) calls the teacher -> parse the reply into
-steps -> verify the last step's answer against gold -> Parquet. Accepted and rejected rows are
-both written (nothing a user paid for is thrown away), and `summary.json` beside them counts what
-is in the Parquet, not what was sent.
+Pipeline: problems, read lazily in chunks of `--chunk-rows` -> drop those already answered in
+--output -> one async actor (AsyncOpenAI, bounded requests in flight, rate limits, retries)
+calls the teacher -> parse the reply into steps -> verify the last step's answer against gold
+and every `<<expr=value>>` with the calculator -> journal the row at once -> Parquet. Accepted
+and rejected rows are both written (nothing a user paid for is thrown away), and
+`summary.json` beside them counts what is in the Parquet, not what was sent.
 
 Resume: a rerun into the same output calls the teacher only for (problem, sample) pairs with no
-row yet. A row rejected for a transient reason (429, 5xx, timeout, connection) is dropped from
-its file and retried; a file an interrupted run left half-written is removed. Either way every
-problem ends present exactly once per sample. `--mode gold` writes the dataset's own human
-decompositions with the same schema and no teacher call (the paper's human-annotation set-up).
+row yet, in Parquet or in the journal (`pipelines/journal.py`) an interrupted run left. A row
+rejected for a transient reason (429, 5xx, timeout, connection) is dropped from its file and
+retried; a file an interrupted run left half-written is removed. Either way every problem ends
+present exactly once per sample. `--mode gold` writes the dataset's own human decompositions
+with the same schema and no teacher call (the paper's human-annotation set-up).
 
-The API key is read from the environment only (`--api-key-env`, default OPENAI_API_KEY) and
-handed to the actor as a masked `Secret`; it never reaches Parquet, the summary, logs or the
+Spend: before any call the run prints an estimate (calls, tokens, USD); `--max-cost-usd` refuses
+to start above it and stops cleanly once real usage reaches it; `--dry-run` stops after it.
+
+The API key is read from the environment only (`--api-key-env`, default OPENAI_API_KEY): the
+driver checks it is set, and each actor reads it from its own node's environment, so it never
+travels in actor arguments (which Ray stores in its GCS), Parquet, the summary, logs or the
 job's runtime env.
 """
 
