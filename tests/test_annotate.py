@@ -95,8 +95,9 @@ def test_happy_path_writes_every_sample_accepted(ray_cluster, teacher, tmp_path)
     assert (again["rows"], again["resumed_rows"], again["written_this_run"]) == (80, 80, 0)
 
 
+@pytest.mark.parametrize("http_client", ["openai", "aiohttp"])
 def test_each_fault_ends_as_a_retry_or_a_rejected_row_with_its_reason(
-    ray_cluster, teacher, tmp_path
+    ray_cluster, teacher, tmp_path, http_client
 ) -> None:
     p = [x.id for x in SAMPLE]
     teacher.set_plan(
@@ -116,7 +117,7 @@ def test_each_fault_ends_as_a_retry_or_a_rejected_row_with_its_reason(
             },
         )
     )
-    cfg = _cfg(tmp_path, teacher, limit=12, max_retries=2, timeout=1.0)
+    cfg = _cfg(tmp_path, teacher, limit=12, max_retries=2, timeout=1.0, http_client=http_client)
     summary = run(cfg)
     rows = {r["id"]: r for r in _rows(cfg.output)}
     assert len(rows) == 12
@@ -335,9 +336,16 @@ def test_killed_run_loses_at_most_the_calls_in_flight(tmp_path) -> None:
     )
 
 
-def test_a_wrong_key_costs_at_most_max_in_flight_calls(ray_cluster, tmp_path) -> None:
+@pytest.mark.parametrize("http_client", ["openai", "aiohttp"])
+def test_a_wrong_key_costs_at_most_max_in_flight_calls(ray_cluster, tmp_path, http_client) -> None:
     with TeacherServer(SAMPLE, api_key="right-key") as server:
-        cfg = _cfg(tmp_path, server, api_key_env="WRONG_KEY_FOR_TEST", max_in_flight=2)
+        cfg = _cfg(
+            tmp_path,
+            server,
+            api_key_env="WRONG_KEY_FOR_TEST",
+            max_in_flight=2,
+            http_client=http_client,
+        )
         with pytest.raises(FatalTeacherError, match=r"refused the request \(401\)"):
             run(cfg)
         assert 1 <= server.stats()["requests"] <= 2, server.stats()["requests"]
