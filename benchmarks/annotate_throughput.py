@@ -151,14 +151,14 @@ def _proc_table() -> dict[int, tuple[int, str, float]]:
     return out
 
 
-def tree_cpu(server_pid: int) -> dict[str, float]:
-    """CPU seconds of this process and all its descendants, split into driver / Ray workers /
-    Ray daemons, and the teacher server's subtree on its own (never counted as ours)."""
+def _tree(server_pid: int) -> dict[int, tuple[str, float]]:
+    """pid -> (kind, CPU seconds) for this process and all its descendants: driver / Ray
+    workers / Ray daemons, and the teacher server's subtree on its own (never counted as ours)."""
     table = _proc_table()
     children: dict[int, list[int]] = {}
     for pid, (ppid, _, _) in table.items():
         children.setdefault(ppid, []).append(pid)
-    out = {"driver": 0.0, "ray workers": 0.0, "ray daemons": 0.0, "server": 0.0}
+    out = {}
     stack = [(os.getpid(), "driver")]
     while stack:
         pid, kind = stack.pop()
@@ -169,14 +169,44 @@ def tree_cpu(server_pid: int) -> dict[str, float]:
             kind = "server"
         elif kind != "server" and pid != os.getpid():
             kind = "ray workers" if name.startswith("ray::") else "ray daemons"
-        # A parent's cutime already holds its reaped children; live children are counted here.
-        out[kind] += cpu
+        out[pid] = (kind, cpu)
         stack.extend((c, kind) for c in children.get(pid, []))
     return out
 
 
-def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    return {k: round(after[k] - before.get(k, 0.0), 3) for k in after}
+class CpuMeter:
+    """CPU seconds by process kind over a run, sampled every `interval` s from /proc.
+
+    Per process: last sample - first sample (0 for one born during the run), so an actor that
+    exits mid-run keeps what it used up to its last sample (at most `interval` is missed), and
+    one that exits does not make the total go down.
+    """
+
+    def __init__(self, server_pid: int, interval: float = 0.25) -> None:
+        import threading
+
+        self.server_pid, self.interval = server_pid, interval
+        self.first = _tree(server_pid)
+        self.last = dict(self.first)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.last.update(_tree(self.server_pid))
+        self.own_cpu = time.thread_time()  # the sampling itself, taken off the driver's share
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        self.last.update(_tree(self.server_pid))
+        out = {"driver": 0.0, "ray workers": 0.0, "ray daemons": 0.0, "server": 0.0}
+        for pid, (kind, cpu) in self.last.items():
+            start = self.first.get(pid, (kind, 0.0))[1]
+            out[kind] += max(0.0, cpu - start)
+        out["driver"] = max(0.0, out["driver"] - getattr(self, "own_cpu", 0.0))
+        return {k: round(v, 3) for k, v in out.items()}
 
 
 # --- measurements ------------------------------------------------------------------------------
@@ -255,9 +285,9 @@ def run_ours(
     )
     server.times()  # clear
     started = time.time()
-    cpu0 = tree_cpu(server.proc.pid)
+    meter = CpuMeter(server.proc.pid)
     summary = annotate.run(cfg)
-    cpu = cpu_delta(cpu0, tree_cpu(server.proc.pid))
+    cpu = meter.stop()
     wall = summary["wall_s"]
     note = ""
     if summary["written_this_run"] != rows or summary["accepted"] != rows:
@@ -404,13 +434,13 @@ def run_llm(
 
     server.times()
     started = time.time()
-    cpu0 = tree_cpu(server.proc.pid)
+    meter = CpuMeter(server.proc.pid)
     t0 = time.perf_counter()
     ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / conf.rows_per_block))
     with async_batches(conf.async_batches):
         build_llm(server, conf)(ds).write_parquet(str(out))
     wall = time.perf_counter() - t0
-    cpu = cpu_delta(cpu0, tree_cpu(server.proc.pid))
+    cpu = meter.stop()
     table = pq.read_table(str(out), columns=["id", "raw"])
     ok = sum("Q1:" in (raw or "") for raw in table.column("raw").to_pylist())
     note = "" if ok == len(items) == table.num_rows else f"{table.num_rows} rows, {ok} ok"
