@@ -279,6 +279,7 @@ def _wait_until_quiet(server: TeacherServer) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_killed_run_loses_at_most_the_calls_in_flight(tmp_path) -> None:
     """SIGKILL the job (its own local Ray cluster) mid-run, then rerun into the same output.
 
