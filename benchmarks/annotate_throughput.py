@@ -59,8 +59,9 @@ REPO = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO))
 
-TARGET_PCT_OF_IDEAL = 80.0  # at the largest --in-flight value
-TARGET_RATIO_VS_LLM = 3.0
+TARGET_PCT_OF_IDEAL = 90.0  # at 64 in flight
+TARGET_CPU_MS_PER_ROW = 1.5  # at 512 in flight
+TARGET_RATIO_VS_LLM = 1.5
 TEACHER_MODEL = "test-teacher"
 NO_KEY_ENV = "ANNOTATE_BENCH_UNSET_KEY"  # never set: the local server takes any key
 
@@ -104,6 +105,14 @@ class Server:
         self.base_url = line.split("=", 1)[1]
         self.root = self.base_url.rsplit("/v1", 1)[0]
 
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.root + "/_control/stats", timeout=30) as r:
+            return json.load(r)
+
+    def reset_stats(self) -> None:
+        req = urllib.request.Request(self.root + "/_control/reset", data=b"{}", method="POST")
+        urllib.request.urlopen(req, timeout=30).close()
+
     def times(self) -> list[tuple[float, float]]:
         with urllib.request.urlopen(self.root + "/_bench/times", timeout=30) as r:
             return [tuple(t) for t in json.load(r)["times"]]
@@ -114,6 +123,90 @@ class Server:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+# --- CPU from /proc ----------------------------------------------------------------------------
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_table() -> dict[int, tuple[int, str, float]]:
+    """pid -> (ppid, name, CPU seconds incl. reaped children) for every process we can read."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        name_end = stat.rindex(")")
+        fields = stat[name_end + 2 :].split()
+        ppid = int(fields[1])
+        ticks = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+        out[int(d)] = (ppid, cmd or stat[stat.index("(") + 1 : name_end], ticks / CLK_TCK)
+    return out
+
+
+def _tree(server_pid: int) -> dict[int, tuple[str, float]]:
+    """pid -> (kind, CPU seconds) for this process and all its descendants: driver / Ray
+    workers / Ray daemons, and the teacher server's subtree on its own (never counted as ours)."""
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    out = {}
+    stack = [(os.getpid(), "driver")]
+    while stack:
+        pid, kind = stack.pop()
+        if pid not in table:
+            continue
+        _, name, cpu = table[pid]
+        if pid == server_pid:
+            kind = "server"
+        elif kind != "server" and pid != os.getpid():
+            kind = "ray workers" if name.startswith("ray::") else "ray daemons"
+        out[pid] = (kind, cpu)
+        stack.extend((c, kind) for c in children.get(pid, []))
+    return out
+
+
+class CpuMeter:
+    """CPU seconds by process kind over a run, sampled every `interval` s from /proc.
+
+    Per process: last sample - first sample (0 for one born during the run), so an actor that
+    exits mid-run keeps what it used up to its last sample (at most `interval` is missed), and
+    one that exits does not make the total go down.
+    """
+
+    def __init__(self, server_pid: int, interval: float = 0.25) -> None:
+        import threading
+
+        self.server_pid, self.interval = server_pid, interval
+        self.first = _tree(server_pid)
+        self.last = dict(self.first)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.last.update(_tree(self.server_pid))
+        self.own_cpu = time.thread_time()  # the sampling itself, taken off the driver's share
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        self.last.update(_tree(self.server_pid))
+        out = {"driver": 0.0, "ray workers": 0.0, "ray daemons": 0.0, "server": 0.0}
+        for pid, (kind, cpu) in self.last.items():
+            start = self.first.get(pid, (kind, 0.0))[1]
+            out[kind] += max(0.0, cpu - start)
+        out["driver"] = max(0.0, out["driver"] - getattr(self, "own_cpu", 0.0))
+        return {k: round(v, 3) for k, v in out.items()}
 
 
 # --- measurements ------------------------------------------------------------------------------
@@ -130,6 +223,12 @@ class Measurement:
     started: float  # wall clock (time.time) when the pipeline call began
     ok_rows: int  # rows whose reply was accepted / parsed
     note: str = ""
+    cpu: dict[str, float] = dataclasses.field(default_factory=dict)  # CPU seconds by process kind
+
+    @property
+    def cpu_ms_per_row(self) -> float:
+        ours = sum(v for k, v in self.cpu.items() if k != "server")
+        return 1000 * ours / self.rows if self.rows else float("nan")
 
     @property
     def rate(self) -> float:
@@ -163,7 +262,14 @@ class Measurement:
 
 
 def run_ours(
-    annotate: Any, server: Server, problems: Path, rows: int, in_flight: int, out: Path, args: Any
+    annotate: Any,
+    server: Server,
+    problems: Path,
+    rows: int,
+    in_flight: int,
+    out: Path,
+    args: Any,
+    http_client: str = "openai",
 ) -> Measurement:
     cfg = annotate.AnnotateConfig(
         dataset="sample",
@@ -175,16 +281,19 @@ def run_ours(
         base_url=server.base_url,
         api_key_env=NO_KEY_ENV,
         max_in_flight=in_flight,
+        **({"http_client": http_client} if http_client != "openai" else {}),
     )
     server.times()  # clear
     started = time.time()
+    meter = CpuMeter(server.proc.pid)
     summary = annotate.run(cfg)
+    cpu = meter.stop()
     wall = summary["wall_s"]
     note = ""
     if summary["written_this_run"] != rows or summary["accepted"] != rows:
         note = f"written {summary['written_this_run']}, accepted {summary['accepted']}"
     return Measurement(
-        label=f"ours, in-flight {in_flight}",
+        label=f"ours ({http_client}), in-flight {in_flight}",
         rows=summary["written_this_run"],
         wall_s=wall,
         in_flight=in_flight,
@@ -193,6 +302,7 @@ def run_ours(
         started=started,
         ok_rows=summary["accepted"],
         note=note,
+        cpu=cpu,
     )
 
 
@@ -282,7 +392,7 @@ def _llm_postprocess(row: dict[str, Any]) -> dict[str, Any]:
 
 def llm_items(problems: Path, rows: int) -> list[dict[str, str]]:
     """The request our pipeline sends for each problem, as ray.data.llm input rows."""
-    from pipelines.teacher import Prompt
+    from pipelines.prompting import Prompt
     from socratic.adapters import DatasetSpec, load_problems
 
     prompt = Prompt.default("socratic", "number")
@@ -324,11 +434,13 @@ def run_llm(
 
     server.times()
     started = time.time()
+    meter = CpuMeter(server.proc.pid)
     t0 = time.perf_counter()
     ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / conf.rows_per_block))
     with async_batches(conf.async_batches):
         build_llm(server, conf)(ds).write_parquet(str(out))
     wall = time.perf_counter() - t0
+    cpu = meter.stop()
     table = pq.read_table(str(out), columns=["id", "raw"])
     ok = sum("Q1:" in (raw or "") for raw in table.column("raw").to_pylist())
     note = "" if ok == len(items) == table.num_rows else f"{table.num_rows} rows, {ok} ok"
@@ -342,6 +454,7 @@ def run_llm(
         started=started,
         ok_rows=ok,
         note=note,
+        cpu=cpu,
     )
 
 
@@ -363,81 +476,168 @@ def describe(m: Measurement) -> str:
 
 def table(runs: list[Measurement], args: Any) -> str:
     head = (
-        f"{'config':<40} {'rows':>5} {'wall s':>7} {'rows/s':>7} {'ideal':>7} {'% ideal':>8}"
-        f" {'window/s':>9} {'steady/s':>9} {'in flight':>9}"
+        f"{'config':<40} {'rows':>6} {'wall s':>7} {'rows/s':>7} {'ideal':>7} {'% ideal':>8}"
+        f" {'steady/s':>9} {'in flight':>9} {'CPU ms/row':>10} {'server CPU s':>12}"
     )
     lines = [head, "-" * len(head)]
     for m in runs:
         s = m.server_stats()
         lines.append(
-            f"{m.label:<40} {m.rows:>5} {m.wall_s:>7.2f} {m.rate:>7.1f} {m.ideal:>7.1f}"
-            f" {m.pct:>7.1f}% {s.get('window_rate', 0):>9.1f} {s.get('steady_rate', 0):>9.1f}"
-            f" {s.get('mean_in_flight', 0):>9.1f}"
+            f"{m.label:<40} {m.rows:>6} {m.wall_s:>7.2f} {m.rate:>7.1f} {m.ideal:>7.1f}"
+            f" {m.pct:>7.1f}% {s.get('steady_rate', 0):>9.1f} {s.get('mean_in_flight', 0):>9.1f}"
+            f" {m.cpu_ms_per_row:>10.2f} {m.cpu.get('server', 0):>12.1f}"
         )
     return "\n".join(lines)
+
+
+def target(name: str, value: float, unit: str, op: str, threshold: float) -> str:
+    met = value >= threshold if op == ">=" else value <= threshold
+    u = f" {unit}" if unit == "%" else unit
+    return (
+        f"{name}: {value:.{1 if unit != 'x' else 2}f}{u} (target {op} {threshold:g}{u}: "
+        f"{'MET' if met else 'MISSED'})"
+    )
+
+
+# --- paid answers lost per kill -9 -------------------------------------------------------------
+
+
+def code_at(rev: str, dest: Path) -> Path:
+    """The repository's files at `rev` (e.g. main, before this change), to run its pipeline."""
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", rev], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
+def kill_loss(
+    code: Path, server: Server, problems: Path, rows: int, in_flight: int, out: Path
+) -> dict[str, Any]:
+    """Run annotate from `code` (its own local Ray cluster), SIGKILL it once the server has
+    received half the calls, rerun it to the end, and count the problems the teacher was asked
+    for both before the kill and again by the rerun: answers paid for twice."""
+    import signal
+
+    env = {**os.environ, "PYTHONPATH": str(code), "RAY_AUTH_MODE": "disabled"}
+    cmd = [
+        sys.executable, "pipelines/annotate.py", "--dataset", "sample", "--split", "all",
+        f"--path={problems}", f"--limit={rows}", f"--output={out}", f"--model={TEACHER_MODEL}",
+        f"--base-url={server.base_url}", f"--api-key-env={NO_KEY_ENV}",
+        f"--max-in-flight={in_flight}", "--address=local",
+    ]  # fmt: skip
+    server.reset_stats()
+    proc = subprocess.Popen(
+        cmd, cwd=code, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600
+        while server.stats()["requests"] < rows // 2 and time.monotonic() < deadline:
+            if proc.poll() is not None:
+                return {"error": "finished before it could be killed"}
+            time.sleep(0.02)
+        at_kill = server.stats()["requests"]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    seen, quiet = -1, time.monotonic()
+    while time.monotonic() - quiet < 3:  # orphaned workers finish what they had in flight
+        n = server.stats()["requests"]
+        if n != seen:
+            seen, quiet = n, time.monotonic()
+        time.sleep(0.2)
+    before = set(server.stats()["by_problem"])
+    server.reset_stats()
+    rerun = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True)
+    again = server.stats()["by_problem"]
+    return {
+        "calls_at_kill": at_kill,
+        "problems_called_before_kill": len(before),
+        "rerun_calls": sum(again.values()),
+        "paid_twice": len(set(again) & before),
+        "rerun_ok": rerun.returncode == 0,
+    }
 
 
 # --- main --------------------------------------------------------------------------------------
 
 
+DEFAULT_LLM_GRID = {
+    64: "1:1:500:64,2:1:250:32,4:1:125:16,16:1:64",
+    512: "1:1:1000:512,2:1:500:256,4:1:250:128,8:1:125:64",
+}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="Rates: rows/s is rows / the pipeline call's wall time (start-up and Parquet "
-        "included); window/s is rows / (last reply - first request) at the server; steady/s is "
-        "the 10th-90th percentile arrival rate; ideal is in-flight / latency.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--rows", type=int, default=2000, help="problems per run (in-flight > 1)")
-    p.add_argument(
-        "--rows-at-1",
-        type=int,
-        default=200,
-        help="problems for the in-flight 1 run (2000 would take 400 s at 200 ms)",
-    )
-    p.add_argument(
-        "--in-flight", default="1,16,64", help="comma-separated max-in-flight values of ours"
-    )
+    p.add_argument("--rows", type=int, default=20_000, help="problems per run")
+    p.add_argument("--in-flight", default="64,512", help="comma-separated max-in-flight values")
     p.add_argument("--latency", type=float, default=0.2, help="server seconds per call")
     p.add_argument("--ray-cpus", type=int, default=2, help="logical CPUs of the Ray cluster")
     p.add_argument(
         "--llm-grid",
-        default="4:1:64,8:1:64,8:16:64,16:1:32,1:1:64:64,1:1:500:64,2:1:64:32",
-        help="ray.data.llm configurations ACTORS:BATCH_SIZE:ROWS_PER_BLOCK[:ASYNC_BATCHES], "
-        "comma-separated (ASYNC_BATCHES: Ray Data's async batch concurrency, default 4); "
-        "empty skips ray.data.llm",
-    )
-    p.add_argument(
-        "--llm-finalists",
-        type=int,
-        default=2,
-        help="how many of the fastest grid configurations to rerun on --rows (plus the fastest "
-        "one with Ray's default async batch concurrency)",
+        action="append",
+        default=None,
+        metavar="IN_FLIGHT=CONF,CONF",
+        help="ray.data.llm configurations ACTORS:BATCH_SIZE:ROWS_PER_BLOCK[:ASYNC_BATCHES] to "
+        "screen for one in-flight level (repeatable; default: "
+        + "; ".join(f"{k}={v}" for k, v in DEFAULT_LLM_GRID.items())
+        + "); 'none' skips ray.data.llm",
     )
     p.add_argument("--llm-stage-cpus", type=float, default=0.01, help="HTTP stage num_cpus")
     p.add_argument(
         "--llm-screen-rows",
         type=int,
-        default=0,
-        help="rows per ray.data.llm grid run, the fastest --llm-finalists then rerun on --rows "
-        "(0: run the grid on --rows; a short screen misranks configurations whose "
-        "parallelism depends on the number of blocks)",
+        default=2000,
+        help="rows per ray.data.llm screening run; the fastest per level reruns on --rows",
     )
+    p.add_argument("--kill-rows", type=int, default=400, help="problems of each kill -9 run")
+    p.add_argument("--kill-in-flight", type=int, default=32, help="max-in-flight of kill runs")
+    p.add_argument(
+        "--before-rev", default="main", help="git revision whose pipeline is 'before' (kill -9)"
+    )
+    p.add_argument("--skip-kill", action="store_true", help="skip the kill -9 measurement")
     p.add_argument(
         "--annotate-module",
         default="pipelines.annotate",
         help="module providing AnnotateConfig and run (an importable variant, to try a change)",
     )
+    p.add_argument(
+        "--http-clients", default="openai,aiohttp", help="our teacher client transports to run"
+    )
+    p.add_argument("--json", type=Path, default=None, help="write every figure here")
     p.add_argument("--progress-bars", action="store_true", help="show Ray Data progress bars")
-    p.add_argument("--verbose", action="store_true", help="keep Ray Data's INFO log lines")
     p.add_argument("--workdir", type=Path, default=None, help="keep inputs and outputs here")
     return p.parse_args(argv)
 
 
+def llm_grids(args: argparse.Namespace, levels: list[int]) -> dict[int, list[LlmConfig]]:
+    if args.llm_grid == ["none"]:
+        return {}
+    texts = dict(DEFAULT_LLM_GRID)
+    for entry in args.llm_grid or []:
+        level, _, confs = entry.partition("=")
+        texts[int(level)] = confs
+    grids = {}
+    for level in levels:
+        confs = [
+            LlmConfig.parse(x, args.llm_stage_cpus)
+            for x in texts.get(level, "").split(",")
+            if x.strip()
+        ]
+        grids[level] = [c for c in confs if c.in_flight == level]
+    return grids
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    in_flights = [int(x) for x in args.in_flight.split(",") if x.strip()]
-    grid = [LlmConfig.parse(x, args.llm_stage_cpus) for x in args.llm_grid.split(",") if x.strip()]
+    levels = [int(x) for x in args.in_flight.split(",") if x.strip()]
+    grids = llm_grids(args, levels)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.pop(NO_KEY_ENV, None)
     # Ray workers import `pipelines...` by reference: make the repo importable there too.
@@ -446,15 +646,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.basicConfig(level=logging.WARNING)
     t_start = time.perf_counter()
-
     work = args.workdir or Path(tempfile.mkdtemp(prefix="annotate-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     problems = work / "problems.jsonl"
-    write_problems(max(args.rows, args.rows_at_1, args.llm_screen_rows), problems)
-    runs = iter(range(1, 1000))
+    write_problems(max(args.rows, args.kill_rows, args.llm_screen_rows), problems)
+    counter = iter(range(1, 1000))
 
     def fresh(name: str) -> Path:
-        out = work / f"out-{next(runs):02d}-{name}"
+        out = work / f"out-{next(counter):02d}-{name}"
         shutil.rmtree(out, ignore_errors=True)
         return out
 
@@ -462,138 +661,168 @@ def main(argv: list[str] | None = None) -> int:
 
     annotate = importlib.import_module(args.annotate_module)
     server = Server(problems, args.latency)
+    load0 = os.getloadavg()
     print(f"teacher server {server.base_url}, latency {args.latency} s; work dir {work}")
-    print("load average before start (1/5/15 min): {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
-    ours: list[Measurement] = []
-    llm_runs: list[Measurement] = []
-    best: Measurement | None = None
-    best_conf: LlmConfig | None = None
-    llm_final: list[tuple[Measurement, LlmConfig]] = []
+    print("load average before start (1/5/15 min): {:.2f} {:.2f} {:.2f}".format(*load0))
+    clients = [c for c in args.http_clients.split(",") if c.strip()]
+    runs: dict[tuple[str, int], Measurement] = {}
+    llm_best: dict[int, tuple[Measurement, LlmConfig]] = {}
+    screened: list[Measurement] = []
+    kills: dict[str, Any] = {}
     try:
-        t = time.perf_counter()
         ray.init(address="local", num_cpus=args.ray_cpus, configure_logging=False)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = args.progress_bars
-        if not args.verbose:
-            logging.getLogger("ray.data").setLevel(logging.WARNING)
-        print(f"ray.init: {time.perf_counter() - t:.1f} s (num_cpus={args.ray_cpus})")
-
-        # Warm-up, not reported: the first Ray Data run in a fresh cluster pays one-off costs
-        # (worker processes, imports) that neither pipeline pays in a long-lived cluster.
-        t = time.perf_counter()
-        run_ours(annotate, server, problems, 16, 16, fresh("warmup-ours"), args)
-        items = llm_items(problems, max(args.rows, args.llm_screen_rows))
-        if grid:
-            run_llm(
-                server,
-                items[:16],
-                LlmConfig(2, 4, 8, args.llm_stage_cpus),
-                fresh("warmup-llm"),
-                args,
-            )
-        print(f"warm-up (not reported): {time.perf_counter() - t:.1f} s")
-
-        for k in in_flights:
-            rows = args.rows_at_1 if k == 1 else args.rows
-            m = run_ours(annotate, server, problems, rows, k, fresh(f"ours-{k}"), args)
-            ours.append(m)
-            print(describe(m), flush=True)
-
-        if grid:
-            screen = min(args.llm_screen_rows or args.rows, args.rows)
-            screened: list[tuple[Measurement, LlmConfig]] = []
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("annotate").setLevel(logging.WARNING)
+        # Warm-up, not reported: worker processes and imports, paid once per cluster.
+        run_ours(annotate, server, problems, 64, 16, fresh("warmup-ours"), args)
+        items = llm_items(problems, args.rows)
+        if grids:
+            run_llm(server, items[:16], LlmConfig(2, 4, 8, args.llm_stage_cpus), fresh("w"), args)
+        for client in clients:
+            for k in levels:
+                m = run_ours(
+                    annotate, server, problems, args.rows, k, fresh(f"ours-{k}"), args, client
+                )
+                runs[client, k] = m
+                print(describe(m) + f"; CPU {m.cpu}", flush=True)
+        for k, grid in grids.items():
+            screen = min(args.llm_screen_rows, args.rows)
+            results = []
             for conf in grid:
                 m = run_llm(server, items[:screen], conf, fresh("llm"), args)
                 m.note = (m.note + "; " if m.note else "") + str(conf)
-                screened.append((m, conf))
-                llm_runs.append(m)
-                print(describe(m), flush=True)
-            ranked = sorted(
-                ((m, c) for m, c in screened if m.ok_rows == screen), key=lambda mc: -mc[0].rate
-            )
-            picks = ranked[: args.llm_finalists]
-            default_async = [mc for mc in ranked if mc[1].async_batches == RAY_ASYNC_BATCHES]
-            if default_async and default_async[0] not in picks:
-                picks.append(default_async[0])  # the best one that leaves Ray's defaults alone
-            for m, conf in picks:
-                if screen != args.rows:
-                    m = run_llm(server, items[: args.rows], conf, fresh("llm-final"), args)
-                else:
-                    m = dataclasses.replace(m)
-                m.note = ""
-                m.label = f"ray.data.llm {conf.name}"
-                llm_final.append((m, conf))
-                print(describe(m), flush=True)
-            complete = [mc for mc in llm_final if mc[0].ok_rows == args.rows]
-            if complete:
-                best, best_conf = max(complete, key=lambda mc: mc[0].rate)
+                screened.append(m)
+                print("  screen " + describe(m), flush=True)
+                if m.ok_rows == screen:
+                    results.append((m, conf))
+            if not results:
+                continue
+            _, conf = max(results, key=lambda mc: mc[0].rate)
+            m = run_llm(server, items, conf, fresh("llm-best"), args)
+            m.label = f"ray.data.llm {conf.name} (best at {k})"
+            llm_best[k] = (m, conf)
+            print(describe(m) + f"; CPU {m.cpu}", flush=True)
+    finally:
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+    try:
+        if not args.skip_kill:
+            before_code = code_at(args.before_rev, work / "before-code")
+            for name, code in (("before", before_code), ("after", REPO)):
+                kills[name] = kill_loss(
+                    code, server, problems, args.kill_rows, args.kill_in_flight, fresh(name)
+                )
+                print(f"kill -9 {name} ({code}): {kills[name]}", flush=True)
     finally:
         with contextlib.suppress(Exception):
             server.close()
-        with contextlib.suppress(Exception):
-            ray.shutdown()
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
 
     print()
     print(
-        f"annotate throughput: {args.rows} problems ({args.rows_at_1} at in-flight 1), teacher "
-        f"latency {args.latency * 1000:.0f} ms, {os.cpu_count()} cores, Ray num_cpus="
-        f"{args.ray_cpus}, module {args.annotate_module}"
+        f"annotate throughput: {args.rows} problems, teacher latency {args.latency * 1000:.0f} "
+        f"ms, {os.cpu_count()} cores, Ray num_cpus={args.ray_cpus}; load average at start "
+        f"{load0[0]:.1f}, at end {os.getloadavg()[0]:.1f} (other work on this machine)"
     )
-    for m, _ in llm_final:
-        if m is best:
-            m.label += " (best)"
-    print(table([*ours, *(m for m, _ in llm_final)], args))
+    print(table([*runs.values(), *(m for m, _ in llm_best.values())], args))
     print(
-        "rows/s = rows / pipeline wall time (start-up + calls + Parquet); window/s = rows / "
-        "(last reply - first request) at the server; steady/s = 10th-90th percentile arrival "
-        "rate; in flight = mean requests open at the server over the window; ideal = in-flight "
-        f"limit / latency. In-flight 1 runs {args.rows_at_1} rows (--rows-at-1), the others "
-        f"{args.rows}."
+        "rows/s = rows / pipeline wall time (start-up + calls + Parquet); ideal = in-flight / "
+        "latency; steady/s = 10th-90th percentile arrival rate at the server; CPU ms/row = CPU "
+        "of the driver, Ray workers (actors, Ray Data tasks) and Ray's daemons, from /proc, "
+        "without the server's."
     )
-    if llm_runs:
+    for k, (_, conf) in llm_best.items():
+        print(f"ray.data.llm best at {k} in flight: {conf}")
+    for (client, k), m in runs.items():
+        ours_cpu = sum(v for n, v in m.cpu.items() if n != "server")
+        server_cpu = m.cpu.get("server", 0)
+        busy = (ours_cpu + server_cpu) / m.wall_s
         print(
-            f"ray.data.llm grid, {llm_runs[0].rows} rows each (ACTORS:BATCH_SIZE:ROWS_PER_BLOCK"
-            "[:ASYNC_BATCHES]); the fastest are in the table above:"
+            f"ours ({client}) at {k}: {ours_cpu:.1f} CPU s ({m.cpu}) + server {server_cpu:.1f} "
+            f"CPU s in {m.wall_s:.1f} s wall = {busy:.2f} of {os.cpu_count()} cores busy"
         )
-        for m in llm_runs:
-            print(f"  {describe(m)}")
-    if best_conf is not None:
-        print(f"ray.data.llm best configuration: {best_conf}")
 
     print()
-    if ours:
-        top = max(ours, key=lambda m: m.in_flight)
-        met = top.pct >= TARGET_PCT_OF_IDEAL
-        print(
-            f"target >= {TARGET_PCT_OF_IDEAL:.0f}% of ideal at in-flight {top.in_flight}: "
-            f"{top.rate:.1f} / {top.ideal:.0f} rows/s = {top.pct:.1f}% (wall) -> "
-            f"{'MET' if met else 'NOT MET'}"
-        )
-        s = top.server_stats()
-        if s:
-            print(
-                f"  (steady state {s['steady_rate']:.1f} rows/s = "
-                f"{100 * s['steady_rate'] / top.ideal:.1f}% of ideal; server window "
-                f"{100 * s['window_rate'] / top.ideal:.1f}%; "
-                f"{s['before_first_s']:.1f} s from the call to the first request)"
+    lines = []
+    for client in clients:
+        ours = {k: m for (c, k), m in runs.items() if c == client}
+        tag = f"ours ({client})"
+        if 64 in ours:
+            lines.append(
+                target(f"{tag}, 64 in flight, share of ideal", ours[64].pct, "%", ">=", 90)
             )
-        for m, conf in sorted(llm_final, key=lambda mc: -mc[0].rate):
-            if m.ok_rows != args.rows:
-                continue
-            ratio = top.rate / m.rate if m.rate else float("inf")
-            which = "best" if m is best else "best with Ray's default async batches"
-            if m is not best and conf.async_batches != RAY_ASYNC_BATCHES:
-                continue
+        for k, m in ours.items():
+            if k != 64:
+                print(f"{tag}, {k} in flight, share of ideal: {m.pct:.1f} % (information)")
+        if 512 in ours:
+            lines.append(
+                target(
+                    f"{tag}, CPU per row at 512 in flight", ours[512].cpu_ms_per_row, "ms", "<=",
+                    TARGET_CPU_MS_PER_ROW,
+                )
+            )  # fmt: skip
+        for k, (m, _) in llm_best.items():
+            if k in ours and m.rate > 0:
+                lines.append(
+                    target(
+                        f"{tag} / ray.data.llm best at {k} in flight", ours[k].rate / m.rate, "x",
+                        ">=", TARGET_RATIO_VS_LLM,
+                    )
+                )  # fmt: skip
+    if "after" in kills and "paid_twice" in kills["after"]:
+        if "paid_twice" in kills.get("before", {}):
             print(
-                f"target ours@{top.in_flight} >= {TARGET_RATIO_VS_LLM:g}x ray.data.llm {which} "
-                f"({conf.name}): {top.rate:.1f} / {m.rate:.1f} = {ratio:.2f}x -> "
-                f"{'MET' if ratio >= TARGET_RATIO_VS_LLM else 'NOT MET'}"
-                + ("" if m is best else " (information only)")
+                f"paid answers lost per kill -9, before ({args.before_rev}): "
+                f"{kills['before']['paid_twice']} of "
+                f"{kills['before']['problems_called_before_kill']} problems called before the kill"
             )
-    print(f"total benchmark time: {time.perf_counter() - t_start:.0f} s")
+        lines.append(
+            target(
+                f"paid answers lost per kill -9, after (of "
+                f"{kills['after']['problems_called_before_kill']} problems called; "
+                f"{args.kill_in_flight} in flight)",
+                kills["after"]["paid_twice"], "", "<=", args.kill_in_flight,
+            )
+        )  # fmt: skip
+    for line in lines:
+        print(line)
+    total = time.perf_counter() - t_start
+    print(f"total benchmark time: {total:.0f} s")
+    if args.json:
+        figures = {
+            "rows": args.rows,
+            "latency_s": args.latency,
+            "cores": os.cpu_count(),
+            "load_average_start": load0,
+            "ours": {f"{c}@{k}": _figures(m) for (c, k), m in runs.items()},
+            "ray_data_llm_best": {
+                str(k): {**_figures(m), "config": str(c)} for k, (m, c) in llm_best.items()
+            },
+            "ray_data_llm_screen": [_figures(m) for m in screened],
+            "kill": kills,
+            "targets": lines,
+            "total_s": round(total, 1),
+        }
+        args.json.write_text(json.dumps(figures, indent=2))
     return 0
+
+
+def _figures(m: Measurement) -> dict[str, Any]:
+    return {
+        "label": m.label,
+        "rows": m.rows,
+        "wall_s": round(m.wall_s, 3),
+        "rows_per_s": round(m.rate, 2),
+        "ideal_rows_per_s": m.ideal,
+        "pct_of_ideal": round(m.pct, 2),
+        "cpu_s": m.cpu,
+        "cpu_ms_per_row": round(m.cpu_ms_per_row, 3),
+        "server": {k: round(v, 3) for k, v in m.server_stats().items()},
+        "note": m.note,
+    }
 
 
 if __name__ == "__main__":

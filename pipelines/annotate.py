@@ -3,20 +3,26 @@
     ray job submit --working-dir . -- python pipelines/annotate.py \\
         --dataset gsm8k --split train --output s3://bucket/gsm8k-train --model gpt-4o-mini
 
-Pipeline: problems -> drop those already answered in --output -> one async actor (AsyncOpenAI,
-bounded requests in flight, rate limits, retries) calls the teacher -> parse the reply into
-steps -> verify the last step's answer against gold -> Parquet. Accepted and rejected rows are
-both written (nothing a user paid for is thrown away), and `summary.json` beside them counts what
-is in the Parquet, not what was sent.
+Pipeline: problems, read lazily in chunks of `--chunk-rows` -> drop those already answered in
+--output -> one async actor (AsyncOpenAI, bounded requests in flight, rate limits, retries)
+calls the teacher -> parse the reply into steps -> verify the last step's answer against gold
+and every `<<expr=value>>` with the calculator -> journal the row at once -> Parquet. Accepted
+and rejected rows are both written (nothing a user paid for is thrown away), and
+`summary.json` beside them counts what is in the Parquet, not what was sent.
 
 Resume: a rerun into the same output calls the teacher only for (problem, sample) pairs with no
-row yet. A row rejected for a transient reason (429, 5xx, timeout, connection) is dropped from
-its file and retried; a file an interrupted run left half-written is removed. Either way every
-problem ends present exactly once per sample. `--mode gold` writes the dataset's own human
-decompositions with the same schema and no teacher call (the paper's human-annotation set-up).
+row yet, in Parquet or in the journal (`pipelines/journal.py`) an interrupted run left. A row
+rejected for a transient reason (429, 5xx, timeout, connection) is dropped from its file and
+retried; a file an interrupted run left half-written is removed. Either way every problem ends
+present exactly once per sample. `--mode gold` writes the dataset's own human decompositions
+with the same schema and no teacher call (the paper's human-annotation set-up).
 
-The API key is read from the environment only (`--api-key-env`, default OPENAI_API_KEY) and
-handed to the actor as a masked `Secret`; it never reaches Parquet, the summary, logs or the
+Spend: before any call the run prints an estimate (calls, tokens, USD); `--max-cost-usd` refuses
+to start above it and stops cleanly once real usage reaches it; `--dry-run` stops after it.
+
+The API key is read from the environment only (`--api-key-env`, default OPENAI_API_KEY): the
+driver checks it is set, and each actor reads it from its own node's environment, so it never
+travels in actor arguments (which Ray stores in its GCS), Parquet, the summary, logs or the
 job's runtime env.
 """
 
@@ -30,7 +36,7 @@ import posixpath
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,20 +45,30 @@ if __package__ in (None, ""):  # `python pipelines/annotate.py`, as `ray job sub
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.teacher import (
+from pipelines.journal import Journal, clear_journal, journal_files, output_fs, read_journal_file
+from pipelines.prompting import (
     NO_GOLD_STEPS,
+    STEP_CHECKS,
     STYLES,
-    FatalTeacherError,
+    WRONG_STEP,
     Prompt,
+    cache_key,
+    check_steps,
+    decomposition_id,
+    is_transient,
+    judge,
+)
+from pipelines.teacher_client import (
+    BudgetExhausted,
+    FatalTeacherError,
+    Prices,
     RetryPolicy,
     Secret,
     TeacherClient,
-    cache_key,
-    is_transient,
-    judge,
 )
 from socratic.adapters import DATASETS, DatasetSpec, load_problems
 from socratic.config import option, parse_config
@@ -102,6 +118,12 @@ class AnnotateConfig:
         True, help="show the teacher the gold solution, where the dataset has one"
     )
     max_in_flight: int = option(32, help="teacher requests in flight per actor")
+    http_client: str = option(
+        "openai",
+        help="openai: the openai client; aiohttp: the same protocol over plain aiohttp, ~10x less "
+        "CPU per call (for thousands of calls in flight)",
+        choices=("openai", "aiohttp"),
+    )
     actors: int = option(1, help="teacher-calling actors (one async actor is fastest for I/O)")
     actor_cpus: float = option(
         0.25, help="CPUs reserved per actor; leave a CPU for read/write tasks"
@@ -115,6 +137,22 @@ class AnnotateConfig:
     retry_base: float = option(1.0, help="first backoff in seconds; doubles per retry, full jitter")
     price_in: float | None = option(None, help="USD per 1M prompt tokens, for the cost line")
     price_out: float | None = option(None, help="USD per 1M completion tokens, for the cost line")
+    max_cost_usd: float | None = option(
+        None,
+        help="refuse to start when the estimate is above this, and stop once the spend counted "
+        "from real usage reaches it (needs --price-in/--price-out); a rerun resumes",
+    )
+    dry_run: bool = option(False, help="print the spend estimate and exit, calling nothing")
+    step_check: str = option(
+        "reject",
+        help="re-evaluate every <<expr=value>> of the teacher's steps: reject a row with a wrong "
+        "one (wrong_step), repair it (step_check=repaired) or off",
+        choices=STEP_CHECKS,
+    )
+    chunk_rows: int = option(
+        20_000,
+        help="problem-samples per Ray Data run: the driver holds one chunk, never the dataset",
+    )
     address: str | None = option(None, help="Ray address (default: RAY_ADDRESS or a local cluster)")
     seed: int = option(0, help="seed for retry jitter and seeded dataset splits")
 
@@ -125,6 +163,18 @@ class AnnotateConfig:
             raise ValueError("--mode gold writes one row per problem; leave --samples at 1")
         if self.max_in_flight < 1 or self.actors < 1:
             raise ValueError("--max-in-flight and --actors must be at least 1")
+        if self.chunk_rows < 1:
+            raise ValueError("--chunk-rows must be at least 1")
+        if self.max_cost_usd is not None and self.price_in is None and self.price_out is None:
+            raise ValueError("--max-cost-usd needs --price-in and/or --price-out to count spend")
+
+    @property
+    def prices(self) -> Prices:
+        return Prices(self.price_in or 0.0, self.price_out or 0.0)
+
+    @property
+    def priced(self) -> bool:
+        return self.price_in is not None or self.price_out is not None
 
     @property
     def sampling(self) -> dict[str, Any]:
@@ -135,13 +185,6 @@ class AnnotateConfig:
 
 
 # --- the output folder -------------------------------------------------------------------------
-
-
-def output_fs(output: str) -> tuple[pafs.FileSystem, str]:
-    """The filesystem and root path of an output given as a local path or a URI."""
-    if "://" in output:
-        return pafs.FileSystem.from_uri(output)
-    return pafs.LocalFileSystem(), str(Path(output).resolve())
 
 
 def parquet_files(fs: pafs.FileSystem, root: str) -> list[str]:
@@ -161,15 +204,23 @@ class ResumeState:
     done: set[str]
     partial_files_removed: list[str]
     transient_rows_dropped: int
+    journal_rows_recovered: int = 0
+
+
+def _write_atomically(fs: pafs.FileSystem, table: pa.Table, path: str) -> None:
+    tmp = path + ".tmp"
+    pq.write_table(table, tmp, filesystem=fs)
+    fs.move(tmp, path)
 
 
 def prepare_output(fs: pafs.FileSystem, root: str) -> ResumeState:
     """Make the output consistent for a (re)run and return the calls already answered.
 
     A file that does not read back is what a killed run leaves mid-write: its rows were never
-    complete, so it is removed and those calls are made again. Rows rejected for a transient
-    reason are taken out of their file (rewritten atomically) so their retry does not leave the
-    problem in the output twice.
+    complete, so it is removed (they are still in the journal if they were answered). Rows
+    rejected for a transient reason are taken out of their file (rewritten atomically) so their
+    retry does not leave the problem in the output twice. Then the journal of an interrupted run
+    is compacted into Parquet: every answer it holds that no Parquet file has yet.
     """
     fs.create_dir(root, recursive=True)
     state = ResumeState(set(), [], 0)
@@ -188,12 +239,29 @@ def prepare_output(fs: pafs.FileSystem, root: str) -> ResumeState:
         ]
         if not all(keep):
             state.transient_rows_dropped += keep.count(False)
-            kept = table.filter(pa.array(keep))
-            tmp = path + ".tmp"
-            pq.write_table(kept, tmp, filesystem=fs)
-            fs.move(tmp, path)
-            table = kept
+            table = table.filter(pa.array(keep))
+            _write_atomically(fs, table, path)
         state.done.update(table.column("cache_key").to_pylist())
+    for path in journal_files(fs, root):
+        rows: dict[str, dict[str, Any]] = {}
+        for row in read_journal_file(fs, path):
+            key = row.get("cache_key")
+            if key in state.done or key in rows:
+                continue
+            if row.get("status") == REJECTED and is_transient(row.get("reason")):
+                state.transient_rows_dropped += 1
+                continue
+            rows[key] = row
+        if rows:
+            name = posixpath.basename(path).removesuffix(".jsonl")
+            _write_atomically(
+                fs, annotation_table(rows.values()), posixpath.join(root, f"journal-{name}.parquet")
+            )
+            state.done.update(rows)
+            state.journal_rows_recovered += len(rows)
+        fs.delete_file(path)
+    if state.journal_rows_recovered:
+        log.info("recovered %d answered rows from the journal", state.journal_rows_recovered)
     return state
 
 
@@ -209,39 +277,148 @@ def read_rows(fs: pafs.FileSystem, root: str, columns: Sequence[str]) -> pa.Tabl
 # --- work items --------------------------------------------------------------------------------
 
 
-def work_items(cfg: AnnotateConfig, problems: Iterable[Problem]) -> tuple[list[dict], list[str]]:
-    """(rows to compute, cache keys of every (problem, sample) this run covers)."""
-    items, keys = [], []
+class KeyLog:
+    """Cache keys in Arrow arrays (~36 bytes each) instead of a Python set (~100 bytes each)."""
+
+    def __init__(self) -> None:
+        self._chunks: list[pa.Array] = []
+        self._buffer: list[str] = []
+        self.count = 0
+
+    def add(self, key: str) -> None:
+        self._buffer.append(key)
+        self.count += 1
+        if len(self._buffer) >= 8192:
+            self._chunks.append(pa.array(self._buffer, pa.string()))
+            self._buffer = []
+
+    def array(self) -> pa.Array:
+        chunks = [*self._chunks, pa.array(self._buffer, pa.string())]
+        return pa.chunked_array(chunks, pa.string()).combine_chunks()
+
+
+def iter_work_items(
+    cfg: AnnotateConfig, problems: Iterable[Problem]
+) -> Iterator[tuple[dict[str, Any], list[dict[str, str]]]]:
+    """(row to compute, its chat messages) per (problem, sample), lazily, samples together."""
     prompts: dict[str, Prompt] = {}
     for p in problems:
+        messages: list[dict[str, str]] = []
+        if cfg.mode == "gold":
+            model, sampling, version = GOLD_TEACHER, {}, GOLD_TEACHER
+        else:
+            if p.answer_kind not in prompts:  # parse each prompt file once, not per row
+                prompts[p.answer_kind] = cfg.prompt_for(p.answer_kind)
+            prompt = prompts[p.answer_kind]
+            messages = prompt.messages(p, cfg.with_gold_solution)
+            model, sampling, version = cfg.model, cfg.sampling, prompt.version
+        row = p.to_dict()
+        row["gold_steps"] = row.pop("steps")
         for sample in range(cfg.samples):
-            if cfg.mode == "gold":
-                key = cache_key(
-                    model=GOLD_TEACHER,
-                    messages=[],
-                    sampling={},
-                    prompt_version=GOLD_TEACHER,
-                    problem_id=p.id,
-                    sample=sample,
-                )
-            else:
-                if p.answer_kind not in prompts:  # parse each prompt file once, not per row
-                    prompts[p.answer_kind] = cfg.prompt_for(p.answer_kind)
-                prompt = prompts[p.answer_kind]
-                key = cache_key(
-                    model=cfg.model,
-                    messages=prompt.messages(p, cfg.with_gold_solution),
-                    sampling=cfg.sampling,
-                    prompt_version=prompt.version,
-                    problem_id=p.id,
-                    sample=sample,
-                )
-            keys.append(key)
-            row = p.to_dict()
-            row["gold_steps"] = row.pop("steps")
-            row.update(sample=sample, cache_key=key)
-            items.append(row)
-    return items, keys
+            key = cache_key(
+                model=model,
+                messages=messages,
+                sampling=sampling,
+                prompt_version=version,
+                problem_id=p.id,
+                sample=sample,
+            )
+            yield {**row, "sample": sample, "cache_key": key}, messages
+
+
+def todo_chunks(
+    items: Iterable[tuple[dict[str, Any], Any]],
+    done: set[str],
+    chunk_rows: int,
+    keys: KeyLog,
+    new_keys: KeyLog,
+) -> Iterator[list[dict[str, Any]]]:
+    """Rows not yet answered, in chunks of about `chunk_rows` that never split a problem."""
+    chunk: list[dict[str, Any]] = []
+    for item, _ in items:
+        keys.add(item["cache_key"])
+        if item["cache_key"] in done:
+            continue
+        if len(chunk) >= chunk_rows and item["sample"] == 0:
+            yield chunk
+            chunk = []
+        new_keys.add(item["cache_key"])
+        chunk.append(item)
+    if chunk:
+        yield chunk
+
+
+# --- the spend estimate ------------------------------------------------------------------------
+
+
+def token_counter(model: str) -> tuple[Callable[[Sequence[Mapping[str, str]]], int], str]:
+    """A prompt-token counter for `model` and what it is: tiktoken where it can, else 4 chars.
+
+    tiktoken fetches its encoding files from the internet on first use, so offline (and for a
+    model it does not know) the count falls back to an approximation, and says so.
+    """
+    try:
+        import tiktoken
+
+        enc = tiktoken.encoding_for_model(model)
+        enc.encode("warm-up")
+    except ImportError:
+        why = "tiktoken is not installed"
+    except KeyError:
+        why = f"tiktoken has no encoding for model {model!r}"
+    except Exception as e:  # noqa: BLE001 - offline: a network error of any kind
+        why = f"tiktoken could not load its encoding ({type(e).__name__}; offline?)"
+    else:
+        # OpenAI's chat format: ~4 tokens of framing per message, 3 to prime the reply.
+        return (
+            lambda msgs: sum(len(enc.encode(m["content"])) + 4 for m in msgs) + 3,
+            f"tiktoken {enc.name}",
+        )
+    return (
+        lambda msgs: round(sum(len(m["content"]) / 4 + 4 for m in msgs) + 3),
+        f"approximation, 4 characters per token: {why}",
+    )
+
+
+def estimate_spend(cfg: AnnotateConfig, done: set[str]) -> dict[str, Any]:
+    """Calls, tokens and USD this run would spend, from one lazy pass over the problems."""
+    count, tokenizer = token_counter(cfg.model)
+    calls = prompt_tokens = 0
+    last_id, last_tokens = None, 0
+    spec = DatasetSpec.from_config(cfg)
+    for item, messages in iter_work_items(cfg, load_problems(spec)):
+        if item["cache_key"] in done:
+            continue
+        if item["id"] != last_id:  # samples of one problem share their prompt
+            last_id, last_tokens = item["id"], count(messages)
+        calls += 1
+        prompt_tokens += last_tokens
+    completion_tokens = calls * cfg.max_tokens
+    cost = cfg.prices.cost(prompt_tokens, completion_tokens) if cfg.priced else None
+    return {
+        "calls": calls,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "prompt_tokens_by": tokenizer,
+        "completion_tokens_by": f"--max-tokens {cfg.max_tokens} per call (an upper bound)",
+        "cost_usd": None if cost is None else round(cost, 6),
+    }
+
+
+def format_estimate(e: dict[str, Any]) -> str:
+    cost = "no --price-in/--price-out given" if e["cost_usd"] is None else f"${e['cost_usd']:.4f}"
+    return (
+        f"estimate: {e['calls']} teacher calls, {e['prompt_tokens']} prompt tokens "
+        f"({e['prompt_tokens_by']}) + at most {e['completion_tokens']} completion tokens "
+        f"({e['completion_tokens_by']}): {cost}"
+    )
+
+
+class SpendRefused(RuntimeError):
+    """The estimate is above `--max-cost-usd`: nothing was called."""
+
+
+# --- rows --------------------------------------------------------------------------------------
 
 
 def gold_batch(batch: pa.Table) -> pa.Table:
@@ -273,22 +450,42 @@ def gold_batch(batch: pa.Table) -> pa.Table:
                 status=v.status,
                 reason=v.reason,
                 raw=text,
+                decomposition=decomposition_id(p.steps),
                 **common,
             )
         )
     return annotation_table(rows)
 
 
-class TeacherAnnotator:
-    """Ray Data actor: many teacher calls in flight on one event loop (I/O bound, not CPU)."""
+def _actor_api_key(cfg: AnnotateConfig) -> Secret:
+    """The key from this node's environment: never a constructor argument, which Ray keeps in
+    its GCS (and shows in the dashboard) for as long as the actor lives."""
+    key = os.environ.get(cfg.api_key_env)
+    if key:
+        return Secret(key)
+    if cfg.base_url is None:
+        raise FatalTeacherError(
+            f"${cfg.api_key_env} is not set on this Ray node ({os.uname().nodename}): set it in "
+            "the environment of every node that runs annotation actors"
+        )
+    return Secret("EMPTY")  # local OpenAI-compatible servers (vLLM, ours) accept any key
 
-    def __init__(self, cfg: AnnotateConfig, api_key: Secret) -> None:
+
+class TeacherAnnotator:
+    """Ray Data actor: many teacher calls in flight on one event loop (I/O bound, not CPU).
+
+    Every finished row goes to the journal before it is returned, so an answer is durable the
+    moment it arrives rather than when Ray Data has written the whole block.
+    """
+
+    def __init__(self, cfg: AnnotateConfig, budget_usd: float | None = None) -> None:
         self.cfg = cfg
         self.prompts: dict[str, Prompt] = {}
+        self.journal = Journal(cfg.output)
         self.client = TeacherClient(
             model=cfg.model,
             base_url=cfg.base_url,
-            api_key=api_key,
+            api_key=_actor_api_key(cfg),
             max_in_flight=cfg.max_in_flight,
             timeout_s=cfg.timeout,
             rpm=cfg.rpm / cfg.actors if cfg.rpm else None,
@@ -296,14 +493,37 @@ class TeacherAnnotator:
             retry=RetryPolicy(max_retries=cfg.max_retries, base_s=cfg.retry_base),
             sampling=cfg.sampling,
             seed=cfg.seed,
+            prices=cfg.prices,
+            budget_usd=budget_usd,
+            http_client=cfg.http_client,
         )
 
-    async def _one(self, item: dict[str, Any]) -> dict[str, Any]:
+    def _verdict(self, p: Problem, text: str, style: str) -> dict[str, Any]:
+        v = judge(p, text, style)
+        out = dict(steps=v.steps, predicted=v.predicted, status=v.status, reason=v.reason)
+        if style != "socratic" or not v.steps or self.cfg.step_check == "off":
+            return out
+        wrong, fixed = check_steps(v.steps)
+        out["step_check"] = "ok"
+        if wrong and self.cfg.step_check == "repair":
+            r = judge(p, unified_target(fixed), style)
+            out.update(steps=fixed, predicted=r.predicted, status=r.status, reason=r.reason)
+            out["step_check"] = "repaired"
+        elif wrong:
+            out["step_check"] = "wrong"
+            if v.status != REJECTED:
+                out.update(status=REJECTED, reason=WRONG_STEP)
+        return out
+
+    async def _one(self, item: dict[str, Any]) -> dict[str, Any] | None:
         p = problem_from_row(item)
         if p.answer_kind not in self.prompts:  # parse each prompt file once, not per row
             self.prompts[p.answer_kind] = self.cfg.prompt_for(p.answer_kind)
         prompt = self.prompts[p.answer_kind]
-        result = await self.client.complete(prompt.messages(p, self.cfg.with_gold_solution))
+        try:
+            result = await self.client.complete(prompt.messages(p, self.cfg.with_gold_solution))
+        except BudgetExhausted:
+            return None  # never called: no row, so the rerun does it
         common = dict(
             sample=item["sample"],
             teacher=self.cfg.model,
@@ -315,38 +535,37 @@ class TeacherAnnotator:
             attempts=result.attempts,
         )
         if result.error is not None:
-            return annotation_row(
+            row = annotation_row(
                 p, steps=(), predicted=None, status=REJECTED, reason=result.error, **common
             )
-        v = judge(p, result.text or "", prompt.style)
-        return annotation_row(
-            p,
-            steps=v.steps,
-            predicted=v.predicted,
-            status=v.status,
-            reason=v.reason,
-            raw=result.text,
-            **common,
-        )
+        else:
+            v = self._verdict(p, result.text or "", prompt.style)
+            row = annotation_row(
+                p,
+                raw=result.text,
+                decomposition=decomposition_id(v["steps"]),
+                **v,
+                **common,
+            )
+        self.journal.add(row)
+        return row
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         rows = await asyncio.gather(*(self._one(item) for item in batch.to_pylist()))
-        return annotation_table(rows)
+        return annotation_table(r for r in rows if r is not None)
 
 
 # --- running -----------------------------------------------------------------------------------
 
 
-def _api_key(cfg: AnnotateConfig) -> Secret:
-    key = os.environ.get(cfg.api_key_env)
-    if key:
-        return Secret(key)
-    if cfg.base_url is None:
+def _check_api_key(cfg: AnnotateConfig) -> None:
+    """Fail before any work when the driver's environment lacks the key (the actors read it
+    from their node's environment themselves; it is never passed to them)."""
+    if not os.environ.get(cfg.api_key_env) and cfg.base_url is None:
         raise SystemExit(
             f"error: ${cfg.api_key_env} is not set. Export your API key there, or pass "
             "--api-key-env NAME, or --base-url for an endpoint that needs no key."
         )
-    return Secret("EMPTY")  # local OpenAI-compatible servers (vLLM, ours) accept any key
 
 
 def _fatal_cause(exc: BaseException) -> FatalTeacherError | None:
@@ -368,57 +587,108 @@ def _fatal_cause(exc: BaseException) -> FatalTeacherError | None:
     return None
 
 
+def annotator_kwargs(cfg: AnnotateConfig, budget_usd: float | None) -> dict[str, Any]:
+    """What Ray stores for each actor (in the GCS): configuration, never the key."""
+    return {"cfg": cfg, "budget_usd": budget_usd}
+
+
+def _run_chunk(cfg: AnnotateConfig, chunk: list[dict[str, Any]], budget: float | None) -> None:
+    import ray
+
+    batch_size = cfg.max_in_flight
+    ds = ray.data.from_items(chunk, override_num_blocks=max(1, -(-len(chunk) // batch_size)))
+    if cfg.mode == "gold":
+        ds = ds.map_batches(gold_batch, batch_format="pyarrow", batch_size=batch_size)
+    else:
+        ds = ds.map_batches(
+            TeacherAnnotator,
+            fn_constructor_kwargs=annotator_kwargs(
+                cfg, None if budget is None else budget / cfg.actors
+            ),
+            batch_format="pyarrow",
+            batch_size=batch_size,
+            # Several batches at once per actor: the client's semaphore (max_in_flight)
+            # stays full between batches instead of draining in waves.
+            compute=ray.data.ActorPoolStrategy(size=cfg.actors, max_concurrent_calls_per_actor=4),
+            num_cpus=cfg.actor_cpus,
+        )
+    target = cfg.output if "://" in cfg.output else output_fs(cfg.output)[1]
+    try:
+        ds.write_parquet(target, schema=ANNOTATION_SCHEMA)
+    except Exception as e:
+        fatal = _fatal_cause(e)
+        if fatal is not None:
+            raise FatalTeacherError(str(fatal)) from None
+        raise
+
+
+def _cost_of(fs: pafs.FileSystem, files: Iterable[str], prices: Prices) -> float:
+    cost = 0.0
+    for path in files:
+        t = pq.read_table(path, filesystem=fs, columns=["prompt_tokens", "completion_tokens"])
+        cost += prices.cost(
+            pc.sum(t["prompt_tokens"]).as_py() or 0, pc.sum(t["completion_tokens"]).as_py() or 0
+        )
+    return cost
+
+
 def run(cfg: AnnotateConfig) -> dict[str, Any]:
     """Annotate and return the summary (also written to `<output>/summary.json`)."""
     import ray
 
     t0 = time.perf_counter()
     fs, root = output_fs(cfg.output)
-    api_key = _api_key(cfg) if cfg.mode == "teacher" else None
+    if cfg.mode == "teacher":
+        _check_api_key(cfg)
+    warnings = []
+    if cfg.mode == "teacher" and cfg.samples > 1 and cfg.temperature == 0:
+        warnings.append(
+            f"--samples {cfg.samples} at --temperature 0: the samples will mostly be the same "
+            "answer (marked by their equal `decomposition`); raise --temperature for variety"
+        )
+        log.warning(warnings[-1])
     state = prepare_output(fs, root)
-    spec = DatasetSpec.from_config(cfg)
-    items, keys = work_items(cfg, load_problems(spec))
-    todo = [it for it in items if it["cache_key"] not in state.done]
-    log.info(
-        "%d problem-samples: %d already in %s, %d to annotate",
-        len(items),
-        len(items) - len(todo),
-        cfg.output,
-        len(todo),
-    )
+    estimate = None
+    if cfg.mode == "teacher":
+        estimate = estimate_spend(cfg, state.done)
+        print(format_estimate(estimate), flush=True)
+        cost = estimate["cost_usd"]
+        if cfg.max_cost_usd is not None and cost is not None and cost > cfg.max_cost_usd:
+            raise SpendRefused(
+                f"the estimate ${cost:.4f} is above --max-cost-usd {cfg.max_cost_usd:g}; nothing "
+                "was called. Raise the cap, lower --max-tokens or --samples, or --limit the run."
+            )
+    if cfg.dry_run:
+        return {"dry_run": True, "estimate": estimate, "already_done": len(state.done)}
 
-    if todo:
+    keys, new_keys = KeyLog(), KeyLog()
+    spec = DatasetSpec.from_config(cfg)
+    chunks = todo_chunks(
+        iter_work_items(cfg, load_problems(spec)), state.done, cfg.chunk_rows, keys, new_keys
+    )
+    spent, stopped = 0.0, None
+    for chunk in chunks:
+        log.info("annotating %d problem-samples (%d so far)", len(chunk), new_keys.count)
         if not ray.is_initialized():
             ray.init(address=cfg.address, configure_logging=False)
-        batch_size = cfg.max_in_flight
-        ds = ray.data.from_items(todo, override_num_blocks=max(1, -(-len(todo) // batch_size)))
-        if cfg.mode == "gold":
-            ds = ds.map_batches(gold_batch, batch_format="pyarrow", batch_size=batch_size)
-        else:
-            ds = ds.map_batches(
-                TeacherAnnotator,
-                fn_constructor_kwargs={"cfg": cfg, "api_key": api_key},
-                batch_format="pyarrow",
-                batch_size=batch_size,
-                # Several batches at once per actor: the client's semaphore (max_in_flight)
-                # stays full between batches instead of draining in waves.
-                compute=ray.data.ActorPoolStrategy(
-                    size=cfg.actors, max_concurrent_calls_per_actor=4
-                ),
-                num_cpus=cfg.actor_cpus,
-            )
-        target = cfg.output if "://" in cfg.output else root
-        try:
-            ds.write_parquet(target, schema=ANNOTATION_SCHEMA)
-        except Exception as e:
-            fatal = _fatal_cause(e)
-            if fatal is not None:
-                raise FatalTeacherError(str(fatal)) from None
-            raise
+        budget = None if cfg.max_cost_usd is None else cfg.max_cost_usd - spent
+        before = set(parquet_files(fs, root))
+        _run_chunk(cfg, chunk, budget)
+        if cfg.mode == "teacher":
+            clear_journal(fs, root)  # every journaled row of the chunk is in Parquet now
+        if cfg.max_cost_usd is not None:
+            spent += _cost_of(fs, set(parquet_files(fs, root)) - before, cfg.prices)
+            if spent >= cfg.max_cost_usd:
+                stopped = f"--max-cost-usd {cfg.max_cost_usd:g} reached (spent ${spent:.4f})"
+                break
+    for _ in chunks:  # after a stop: the rest still counts as this run's expected rows
+        pass
+    del chunks
 
     summary = summarize(
-        cfg, fs, root, set(keys), {it["cache_key"] for it in todo}, state, time.perf_counter() - t0
+        cfg, fs, root, keys, new_keys, state, time.perf_counter() - t0, estimate, stopped
     )
+    summary["warnings"] = warnings
     with fs.open_output_stream(posixpath.join(root, "summary.json")) as f:
         f.write(json.dumps(summary, indent=2).encode())
     return summary
@@ -430,65 +700,76 @@ def _reason_group(reason: str) -> str:
     return ": ".join(parts[:2]) if parts[0] == "api_error" else reason
 
 
+def _sum(column: pa.ChunkedArray) -> int:
+    return int(pc.sum(column).as_py() or 0)
+
+
 def summarize(
     cfg: AnnotateConfig,
     fs: pafs.FileSystem,
     root: str,
-    keys: set[str],
-    new_keys: set[str],
+    keys: KeyLog,
+    new_keys: KeyLog,
     state: ResumeState,
     wall_s: float,
+    estimate: dict[str, Any] | None = None,
+    stopped: str | None = None,
 ) -> dict[str, Any]:
     """Counts from what is in the Parquet now, for this run's (problem, sample) pairs."""
-    table = read_rows(
-        fs,
-        root,
-        ["cache_key", "status", "reason", "prompt_tokens", "completion_tokens", "attempts"],
-    )
-    rows = [r for r in table.to_pylist() if r["cache_key"] in keys]
-    new = [r for r in rows if r["cache_key"] in new_keys]
-    present = Counter(r["cache_key"] for r in rows)
-    prompt_tokens = sum(r["prompt_tokens"] for r in new)
-    completion_tokens = sum(r["completion_tokens"] for r in new)
+    columns = ["id", "sample", "cache_key", "status", "reason", "prompt_tokens"]
+    columns += ["completion_tokens", "attempts", "step_check", "decomposition"]
+    table = read_rows(fs, root, columns)
+    rows = table.filter(pc.is_in(table["cache_key"], value_set=keys.array()))
+    new = rows.filter(pc.is_in(rows["cache_key"], value_set=new_keys.array()))
+    distinct = pc.count_distinct(rows["cache_key"]).as_py() if rows.num_rows else 0
+    rejected = rows.filter(pc.equal(rows["status"], REJECTED))
+    prompt_tokens, completion_tokens = _sum(new["prompt_tokens"]), _sum(new["completion_tokens"])
     cost = None
-    if cfg.price_in is not None or cfg.price_out is not None:
-        cost = round(
-            (prompt_tokens * (cfg.price_in or 0) + completion_tokens * (cfg.price_out or 0)) / 1e6,
-            6,
-        )
+    if cfg.priced:
+        cost = round(cfg.prices.cost(prompt_tokens, completion_tokens), 6)
+    decomposed = rows.filter(pc.is_valid(rows["decomposition"]))
+    groups = decomposed.group_by(["id", "decomposition"]).aggregate([("sample", "count")])
+    step_checks = Counter(x for x in rows["step_check"].to_pylist() if x is not None)
+    attempts = new["attempts"]
     return {
         "dataset": cfg.dataset,
         "split": cfg.split,
         "mode": cfg.mode,
         "teacher": cfg.model if cfg.mode == "teacher" else GOLD_TEACHER,
         "output": cfg.output,
-        "rows": len(rows),
-        "expected_rows": len(keys),
-        "missing_rows": len(keys - set(present)),
-        "duplicate_rows": sum(n - 1 for n in present.values() if n > 1),
-        "accepted": sum(r["status"] == "accepted" for r in rows),
-        "rejected": sum(r["status"] == REJECTED for r in rows),
+        "rows": rows.num_rows,
+        "expected_rows": keys.count,
+        "missing_rows": keys.count - distinct,
+        "duplicate_rows": rows.num_rows - distinct,
+        "accepted": _sum(pc.equal(rows["status"], "accepted").cast(pa.int64())),
+        "rejected": rejected.num_rows,
         "rejected_by_reason": dict(
-            Counter(
-                _reason_group(r["reason"]) for r in rows if r["status"] == REJECTED
-            ).most_common()
+            Counter(_reason_group(r) for r in rejected["reason"].to_pylist()).most_common()
         ),
-        "written_this_run": len(new),
-        "resumed_rows": len(rows) - len(new),
+        "step_check": dict(step_checks),
+        "repeated_decompositions": decomposed.num_rows - groups.num_rows,
+        "written_this_run": new.num_rows,
+        "resumed_rows": rows.num_rows - new.num_rows,
+        "journal_rows_recovered": state.journal_rows_recovered,
         "partial_files_removed": len(state.partial_files_removed),
         "transient_rows_retried": state.transient_rows_dropped,
-        "teacher_calls": sum(r["attempts"] for r in new),
-        "retries": sum(max(r["attempts"] - 1, 0) for r in new),
+        "teacher_calls": _sum(attempts),
+        "retries": _sum(attempts)
+        - int(pc.sum(pc.greater(attempts, 0).cast(pa.int64())).as_py() or 0),
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "cost_usd": cost,
+        "estimate": estimate,
+        "estimated_cost_usd": None if estimate is None else estimate["cost_usd"],
+        "stopped": stopped,
         "wall_s": round(wall_s, 2),
-        "rows_per_s": round(len(new) / wall_s, 2) if wall_s > 0 else None,
+        "rows_per_s": round(new.num_rows / wall_s, 2) if wall_s > 0 else None,
     }
 
 
 def format_summary(s: dict[str, Any]) -> str:
     reasons = ", ".join(f"{k} {v}" for k, v in s["rejected_by_reason"].items()) or "none"
+    checks = ", ".join(f"{k} {v}" for k, v in s["step_check"].items()) or "none"
     lines = [
         f"annotated {s['dataset']}/{s['split']} ({s['mode']}, teacher {s['teacher']})"
         f" -> {s['output']}",
@@ -499,9 +780,24 @@ def format_summary(s: dict[str, Any]) -> str:
         f"{s['transient_rows_retried']} transient failures retried, "
         f"{s['partial_files_removed']} partial files removed",
         f"  tokens: {s['prompt_tokens']} prompt + {s['completion_tokens']} completion"
-        + (f", cost ${s['cost_usd']:.4f}" if s["cost_usd"] is not None else ""),
+        + (f", cost ${s['cost_usd']:.4f}" if s["cost_usd"] is not None else "")
+        + (
+            f" (estimated ${s['estimated_cost_usd']:.4f})"
+            if s.get("estimated_cost_usd") is not None
+            else ""
+        ),
+        f"  step checks: {checks}; {s['repeated_decompositions']} repeated decompositions "
+        "(same sub-questions as an earlier sample of the problem)",
         f"  wall {s['wall_s']} s, {s['rows_per_s']} rows/s",
     ]
+    if s["journal_rows_recovered"]:
+        lines.insert(3, f"  {s['journal_rows_recovered']} answered rows recovered from the journal")
+    if s.get("stopped"):
+        lines.append(
+            f"  stopped: {s['stopped']} after {s['written_this_run']} rows; "
+            f"{s['missing_rows']} still to do: rerun into the same output to resume"
+        )
+    lines += [f"  warning: {w}" for w in s.get("warnings", [])]
     return "\n".join(lines)
 
 
@@ -517,6 +813,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    except SpendRefused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    if summary.get("dry_run"):
+        return 0  # the estimate is printed already
     print(format_summary(summary))
     return 0
 

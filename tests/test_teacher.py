@@ -8,17 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.teacher import (
-    PROMPTS_DIR,
-    Prompt,
-    RateLimiter,
-    RetryPolicy,
-    Secret,
-    cache_key,
-    is_transient,
-    judge,
-    retry_after_seconds,
-)
+from pipelines.prompting import PROMPTS_DIR, Prompt, cache_key, is_transient, judge
+from pipelines.teacher_client import RateLimiter, RetryPolicy, Secret, retry_after_seconds
 from socratic.adapters import DatasetSpec, load_problems
 from socratic.formats import parse_unified, unified_target
 from socratic.records import Problem, Step

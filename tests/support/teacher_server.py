@@ -23,6 +23,8 @@ How the faults reach an `openai` client with `max_retries=0`:
 * "close" -> the request is read, then the socket is shut down with no response at all; the
   client raises `openai.APIConnectionError` ("Connection error.") at once (not a timeout).
 * "wrong", "malformed", "empty" -> HTTP 200 with a bad answer, for the pipeline's checks.
+* "wrong_step" -> HTTP 200, the gold steps with one intermediate `<<expr=value>>` result off by
+  one (the final answer still right): what only a per-step check catches.
 
 A server in another process (the CLI at the bottom) is driven over HTTP: `POST /_control/plan`
 (a FaultPlan as JSON), `POST /_control/reset`, `GET /_control/stats`.
@@ -56,6 +58,7 @@ from socratic.records import YES_NO, Problem, Step
 FAULTS = (
     "ok",
     "wrong",
+    "wrong_step",
     "malformed",
     "empty",
     "slow",
@@ -196,11 +199,29 @@ def _replace_final(text: str, gold: str, wrong: str) -> str:
     return text if changed else f"{text} The answer is {wrong}."
 
 
-def teacher_content(problem: Problem, socratic: bool, *, wrong: bool = False) -> str:
+def _wrong_intermediate(steps: list[Step]) -> list[Step]:
+    """`steps` with the first calculator result before the final one off by one."""
+    spans = [(i, m) for i, s in enumerate(steps) for m in _ANNOTATION.finditer(s.answer)]
+    for i, m in spans[:-1]:
+        value = parse_number(m[2])
+        if value is None:
+            continue
+        text = steps[i].answer
+        bad = f"<<{m[1]}={format_answer(value + 1)}>>"
+        steps[i] = replace(steps[i], answer=text[: m.start()] + bad + text[m.end() :])
+        return steps
+    return steps
+
+
+def teacher_content(
+    problem: Problem, socratic: bool, *, wrong: bool = False, wrong_step: bool = False
+) -> str:
     """The reply to a request about `problem`: unified steps (Socratic) or a CoT solution."""
     answer = wrong_answer(problem.answer) if wrong else problem.answer
     if socratic:
         steps = gold_steps(problem)
+        if wrong_step:
+            steps = _wrong_intermediate(steps)
         if wrong:
             last = steps[-1]
             steps[-1] = replace(last, answer=_replace_final(last.answer, problem.answer, answer))
@@ -538,7 +559,9 @@ class TeacherServer:
         elif problem is None:
             content = UNKNOWN_PROBLEM
         else:
-            content = teacher_content(problem, socratic, wrong=fault == "wrong")
+            content = teacher_content(
+                problem, socratic, wrong=fault == "wrong", wrong_step=fault == "wrong_step"
+            )
         self._reply(h, 200, self._completion(number, request, content))
 
     def _completion(self, n: int, request: Mapping[str, Any], content: str) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """An OpenAI-compatible chat-completions teacher on Ray Serve, for any Hugging Face causal LM.
 
-    python serve/teacher.py --prepare-smollm2 outputs/teacher/SmolLM2-135M-Instruct
-    python serve/teacher.py --model outputs/teacher/SmolLM2-135M-Instruct   # prints the base URL
-    serve run serve/teacher.yaml
+    python serve/local_teacher.py --prepare-smollm2 outputs/teacher/SmolLM2-135M-Instruct
+    python serve/local_teacher.py --model outputs/teacher/SmolLM2-135M-Instruct  # prints its URL
+    serve run serve/local_teacher.yaml
     python pipelines/annotate.py ... --base-url http://127.0.0.1:8000/v1 --model NAME
 
 A cluster can then host an open-weights teacher next to the annotation pipeline, which talks to it
@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # `python serve/teacher.py`
+if __package__ in (None, ""):  # `python serve/local_teacher.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastapi import FastAPI, Request
@@ -502,7 +502,8 @@ def served_name(model: str | Path) -> str:
 
 
 def build_teacher_app(args: dict[str, Any]) -> serve.Application:
-    """Application builder for `serve run serve/teacher.yaml` and `python serve/teacher.py`.
+    """Application builder for `serve run serve/local_teacher.yaml` and
+    `python serve/local_teacher.py`.
 
     args: `model` (HF dir or hub id); optional `name` (default: the dir's folder name or the hub
     id), `gguf_file`, `max_tokens` (used when a request leaves it out), `max_tokens_limit`,
@@ -595,7 +596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(out)
-        print(f"serve it with: python serve/teacher.py --model {out}", file=sys.stderr)
+        print(f"serve it with: python serve/local_teacher.py --model {out}", file=sys.stderr)
         return 0
 
     import ray
@@ -641,6 +642,6 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 if __name__ == "__main__":
-    from serve.teacher import main as _main
+    from serve.local_teacher import main as _main
 
     sys.exit(_main())

@@ -1,0 +1,117 @@
+"""Driver memory of `pipelines/annotate.py` as the dataset grows: peak RSS at 10k, 100k, 1M.
+
+    .venv/bin/python benchmarks/annotate_memory.py --sizes 10000,100000,1000000 --json out.json
+
+Each size runs `python pipelines/annotate.py --mode gold` (no teacher: the dataset's own steps,
+the same read -> Ray Data -> Parquet path) on generated problems (`annotate_throughput.py`'s
+`write_problems`: the bundled sample cycled, repeats marked as variants) in its own process
+with its own local Ray cluster. The driver's peak RSS is its `VmHWM` from /proc, read until it
+exits. The input is read lazily and handed to Ray Data `--chunk-rows` at a time, so the driver
+should hold one chunk, not the dataset: the ratio of the largest size's peak to the smallest's
+is the figure (a list built in the driver grows ~2 KB per problem).
+
+It always exits 0: it measures, it does not test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.annotate_throughput import write_problems  # noqa: E402
+
+TARGET_RATIO = 1.5  # peak RSS at the largest size / at the smallest
+
+
+def _hwm_kib(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def measure(n: int, work: Path, chunk_rows: int) -> dict[str, float]:
+    problems = work / f"problems-{n}.jsonl"
+    write_problems(n, problems)
+    out = work / f"out-{n}"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [
+        sys.executable, "pipelines/annotate.py", "--dataset", "sample", "--split", "all",
+        f"--path={problems}", "--mode", "gold", f"--output={out}", "--address=local",
+        f"--chunk-rows={chunk_rows}", "--max-in-flight=1000",
+    ]  # fmt: skip
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _hwm_kib(proc.pid) or 0)
+        time.sleep(0.1)
+    wall = time.perf_counter() - t0
+    stdout, stderr = proc.communicate()
+    summary = json.loads((out / "summary.json").read_text()) if proc.returncode == 0 else {}
+    problems.unlink()
+    shutil.rmtree(out, ignore_errors=True)
+    if proc.returncode != 0:
+        print(stderr.decode()[-2000:], file=sys.stderr)
+    return {
+        "problems": n,
+        "peak_rss_mib": round(peak / 1024, 1),
+        "wall_s": round(wall, 1),
+        "rows": summary.get("rows"),
+        "rc": proc.returncode,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="10000,100000,1000000")
+    p.add_argument("--chunk-rows", type=int, default=20_000)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="annotate-mem-"))
+    results = []
+    try:
+        for n in [int(x) for x in args.sizes.split(",")]:
+            r = measure(n, work, args.chunk_rows)
+            results.append(r)
+            print(
+                f"{n} problems (--mode gold): driver peak RSS {r['peak_rss_mib']} MiB, "
+                f"{r['rows']} rows, {r['wall_s']} s",
+                flush=True,
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ok = [r for r in results if r["rc"] == 0]
+    lines = []
+    if len(ok) >= 2:
+        ratio = ok[-1]["peak_rss_mib"] / ok[0]["peak_rss_mib"]
+        verdict = "MET" if ratio <= TARGET_RATIO else "MISSED"
+        lines.append(
+            f"driver peak RSS at {ok[-1]['problems']} / at {ok[0]['problems']} problems: "
+            f"{ratio:.2f}x (target <= {TARGET_RATIO}x: {verdict})"
+        )
+    for line in lines:
+        print(line)
+    if args.json:
+        args.json.write_text(json.dumps({"results": results, "targets": lines}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
