@@ -99,7 +99,8 @@ def run(cfg: TrainConfig) -> list[dict[str, Any]]:
     counts = check_data(cfg)
     log.info("examples per role: %s", counts)
     if not ray.is_initialized():
-        ray.init(address=cfg.address, configure_logging=False)
+        from socratic.ray_address import resolve_address
+        ray.init(address=resolve_address(cfg.address), configure_logging=False)
     jobs = [RoleJob(cfg, role, deepspeed) for role in cfg.role_list]
     # The wrapper holds no CPU: a wrapper holding one would starve its own training workers.
     remote_fit = ray.remote(num_cpus=0)(fit_role)
