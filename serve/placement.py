@@ -108,7 +108,7 @@ def check_fits(
         ):
             raise PlacementError(
                 f"one {name} replica asks for {_fmt(need)}, and no node has that much "
-                f"(nodes: {'; '.join(_fmt(n) for n in nodes) or 'none'})"
+                f"(nodes: {'; '.join(_fmt({k: n.get(k, 0) for k in need}) for n in nodes)})"
             )
     have = {k: float(v) for k, v in cluster.items() if k in at_min}
     short = {k: v for k, v in at_min.items() if v > cluster.get(k, 0.0) + 1e-9}
