@@ -390,6 +390,7 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
     if todo:
         if not ray.is_initialized():
             from socratic.ray_address import resolve_address
+
             ray.init(address=resolve_address(cfg.address), configure_logging=False)
         batch_size = cfg.max_in_flight
         ds = ray.data.from_items(todo, override_num_blocks=max(1, -(-len(todo) // batch_size)))

@@ -277,6 +277,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     fs, root = output_fs(cfg.output)
     if not ray.is_initialized():
         from socratic.ray_address import resolve_address
+
         ray.init(address=resolve_address(cfg.address), configure_logging=False)
     log.info("%d problems of %s/%s; methods %s", len(items), cfg.dataset, cfg.split, cfg.methods)
     for method in cfg.method_list:

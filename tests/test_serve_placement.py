@@ -36,9 +36,7 @@ def _config_options(name: str = "config.yaml") -> dict:
 
 
 def _cpus_at_max(options: dict) -> float:
-    return sum(
-        replica_range(o)[1] * o["ray_actor_options"]["num_cpus"] for o in options.values()
-    )
+    return sum(replica_range(o)[1] * o["ray_actor_options"]["num_cpus"] for o in options.values())
 
 
 def test_defaults_fit_two_cpus_with_room_for_the_ingress() -> None:
@@ -58,9 +56,7 @@ def test_serve_config_fits_at_its_maximum_replicas(cpus: float) -> None:
 
 
 def test_stated_resources_are_kept_and_the_rest_share_what_is_left() -> None:
-    sized = size_to_cluster(
-        {"Decomposer": {"ray_actor_options": {"num_cpus": 1.0}}}, {"CPU": 4.0}
-    )
+    sized = size_to_cluster({"Decomposer": {"ray_actor_options": {"num_cpus": 1.0}}}, {"CPU": 4.0})
     assert sized["Decomposer"]["ray_actor_options"]["num_cpus"] == 1.0
     assert sized["Solver"]["ray_actor_options"]["num_cpus"] == 1.0  # capped at one CPU
     assert _cpus_at_max(sized) <= 4.0

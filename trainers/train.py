@@ -100,6 +100,7 @@ def run(cfg: TrainConfig) -> list[dict[str, Any]]:
     log.info("examples per role: %s", counts)
     if not ray.is_initialized():
         from socratic.ray_address import resolve_address
+
         ray.init(address=resolve_address(cfg.address), configure_logging=False)
     jobs = [RoleJob(cfg, role, deepspeed) for role in cfg.role_list]
     # The wrapper holds no CPU: a wrapper holding one would starve its own training workers.
