@@ -172,11 +172,40 @@ class ModelMetrics:
             self.generated.inc(generated)
 
 
+def failure(e: BaseException) -> tuple[int, str]:
+    """The HTTP status and detail for an error raised inside the solving loop: a prompt too
+    long for a model is the client's (413); an overloaded or lost replica is a 503 to retry;
+    anything else is logged with its traceback and answered 503 too, never a bare 500.
+
+    Defined above `Ingress` on purpose: `@serve.ingress` serialises the class by value when it
+    is decorated, and a global defined later is missing in the replica (NameError, a 500)."""
+    from ray import exceptions as rex
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    cause = getattr(e, "cause", None) or e
+    if isinstance(cause, PromptTooLong) or isinstance(e, PromptTooLong):
+        return 413, str(cause.args[0] if cause.args else cause)
+    if isinstance(e, BackPressureError | DeploymentUnavailableError):
+        return 503, f"the models are overloaded or starting ({type(e).__name__}); retry later"
+    if isinstance(e, rex.RayActorError | rex.ActorUnavailableError | asyncio.TimeoutError):
+        return 503, f"a model replica was lost ({type(e).__name__}); retry"
+    log.error("solving loop failed", exc_info=e)
+    return 503, f"the models failed on this request ({type(cause).__name__}); retry later"
+
+
 api = FastAPI(
     title="socratic-distill",
     description="Solve a problem with a Socratic decomposer and subproblem solver.",
 )
 PLAYGROUND = Path(__file__).resolve().parent / "static" / "index.html"
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """The last net under the rule "no 5xx but 503": an error no handler expected is logged with
+    its traceback and answered as JSON, never as a bare 500 page."""
+    status, detail = failure(exc)
+    return JSONResponse({"detail": detail}, status_code=status)
 
 
 @serve.deployment(max_ongoing_requests=64, max_queued_requests=128)
@@ -305,24 +334,6 @@ class Ingress:
         out = sol.to_dict()
         out["timings"]["request_s"] = round(time.perf_counter() - t0, 4)
         yield f"event: done\ndata: {json.dumps(out)}\n\n"
-
-
-def failure(e: BaseException) -> tuple[int, str]:
-    """The HTTP status and detail for an error raised inside the solving loop: a prompt too
-    long for a model is the client's (413); an overloaded or lost replica is a 503 to retry;
-    anything else is logged with its traceback and answered 503 too, never a bare 500."""
-    from ray import exceptions as rex
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
-    cause = getattr(e, "cause", None) or e
-    if isinstance(cause, PromptTooLong) or isinstance(e, PromptTooLong):
-        return 413, str(cause.args[0] if cause.args else cause)
-    if isinstance(e, BackPressureError | DeploymentUnavailableError):
-        return 503, f"the models are overloaded or starting ({type(e).__name__}); retry later"
-    if isinstance(e, rex.RayActorError | rex.ActorUnavailableError | asyncio.TimeoutError):
-        return 503, f"a model replica was lost ({type(e).__name__}); retry"
-    log.error("solving loop failed", exc_info=e)
-    return 503, f"the models failed on this request ({type(cause).__name__}); retry later"
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
