@@ -366,3 +366,66 @@ def test_batch_sizes_queue_waits_and_tokens_reach_prometheus(served: str) -> Non
     for w in want:
         assert w in text, w
     assert 'deployment="Decomposer"' in text and 'deployment="Solver"' in text
+
+
+def _chromium() -> tuple[str, str] | None:
+    import shutil
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+def test_playground_page_shows_each_step_then_the_answer(served: str, tmp_path: Path) -> None:
+    """A real headless Chromium types a problem into `GET /`, watches the steps arrive over
+    the SSE stream, then the final answer; saves a screenshot."""
+    import os
+
+    found = _chromium()
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must have chromium + chromium-driver (.ci/run installs them)")
+        pytest.skip("no chromium/chromedriver here: apt-get install chromium chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, driver_path = found
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1000,800"):  # fmt: skip
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+    try:
+        driver.get(served + "/")
+        assert "socratic-distill" in driver.title
+        box = driver.find_element(By.ID, "problem")
+        box.send_keys(PROBLEM)
+        driver.find_element(By.ID, "max_steps").clear()
+        driver.find_element(By.ID, "max_steps").send_keys("3")
+        driver.find_element(By.ID, "go").click()
+        wait = WebDriverWait(driver, 120)
+        wait.until(lambda d: d.find_element(By.ID, "answer").get_attribute("data-done") == "1"
+                   or d.find_element(By.ID, "error").text)  # fmt: skip
+        assert driver.find_element(By.ID, "error").text == ""
+        steps = driver.find_elements(By.CSS_SELECTOR, "#steps li")
+        assert steps and steps[0].find_element(By.CSS_SELECTOR, ".q").text.startswith("Q1: ")
+        assert all(" s (at " in li.find_element(By.CSS_SELECTOR, ".t").text for li in steps)
+        assert driver.find_element(By.ID, "answer").text.startswith("answer: ")
+        shot = tmp_path / "playground.png"
+        driver.save_screenshot(str(shot))
+        assert shot.stat().st_size > 1000
+        if os.environ.get("SOCRATIC_SCREENSHOT"):  # how docs/playground.png is made
+            driver.save_screenshot(os.environ["SOCRATIC_SCREENSHOT"])
+    finally:
+        driver.quit()
+
+
+def test_playground_is_one_static_page_with_no_outside_resources(served: str) -> None:
+    with urllib.request.urlopen(served + "/", timeout=30) as r:
+        assert r.headers["content-type"].startswith("text/html")
+        page = r.read().decode()
+    assert "<script" in page and 'fetch("solve"' in page  # relative: works under any prefix
+    assert "http://" not in page and "https://" not in page  # no CDN, nothing fetched elsewhere
