@@ -3,7 +3,7 @@
 #
 #   cluster/local_cluster.sh start     # head (resource head: 1) + worker node (resource worker: 1)
 #   cluster/local_cluster.sh status    # the two nodes' processes and `ray status`
-#   cluster/local_cluster.sh stop      # kills exactly these two nodes, nothing else
+#   cluster/local_cluster.sh stop      # kills exactly these two nodes, forgets their address
 #   cluster/local_cluster.sh env       # `eval "$(cluster/local_cluster.sh env)"` sets RAY_ADDRESS
 #
 # Why two nodes on one machine: placement bugs (a path that exists on one node only, work pinned
@@ -185,10 +185,26 @@ EOF
   die "the local cluster did not come up within ${START_TIMEOUT_S}s"
 }
 
+# `ray start --head` writes the GCS address to <temp dir>/ray_current_cluster, and a bare
+# `ray.init()` joins whatever that file names. `ray stop` removes it; so does this, for the files
+# that name this cluster's GCS port (Ray writes the node's resolved IP there, not 127.0.0.1):
+# under our own temp dir, and under Ray's default one (socratic/ray_address.py finds it the same
+# way). A file naming another cluster stays.
+forget_address() {
+  local port=${GCS_ADDRESS##*:} f
+  for f in "$RAY_TEMP_DIR/ray_current_cluster" \
+      "${RAY_TMPDIR:-${TMPDIR:-/tmp}}/ray/ray_current_cluster"; do
+    [ -f "$f" ] || continue
+    [ "$(sed -n '1s/.*:\([0-9]*\)[[:space:]]*$/\1/p' "$f")" = "$port" ] && rm -f "$f"
+  done
+  return 0
+}
+
 stop() {
   load_state
   kill_group "$WORKER_PID"
   kill_group "$HEAD_PID"
+  forget_address
   rm -f "$STATE"
   echo "stopped the local Ray cluster (head pid $HEAD_PID, worker pid $WORKER_PID; logs $RAY_TEMP_DIR)"
 }

@@ -670,7 +670,9 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
     for chunk in chunks:
         log.info("annotating %d problem-samples (%d so far)", len(chunk), new_keys.count)
         if not ray.is_initialized():
-            ray.init(address=cfg.address, configure_logging=False)
+            from socratic.ray_address import resolve_address
+
+            ray.init(address=resolve_address(cfg.address), configure_logging=False)
         budget = None if cfg.max_cost_usd is None else cfg.max_cost_usd - spent
         before = set(parquet_files(fs, root))
         _run_chunk(cfg, chunk, budget)

@@ -317,7 +317,9 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         raise ValueError(f"{cfg.dataset}/{cfg.split}: no problems to evaluate")
     fs, root = output_fs(cfg.output)
     if not ray.is_initialized():
-        ray.init(address=cfg.address, configure_logging=False)
+        from socratic.ray_address import resolve_address
+
+        ray.init(address=resolve_address(cfg.address), configure_logging=False)
     check_gpus(cfg, ray.cluster_resources())
     log.info("%d problems of %s/%s; methods %s", len(items), cfg.dataset, cfg.split, cfg.methods)
     for method in cfg.method_list:

@@ -601,7 +601,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import ray
 
-    ray.init(address=a.address, configure_logging=False)
+    from socratic.ray_address import resolve_address
+
+    ray.init(address=resolve_address(a.address), configure_logging=False)
     serve.start(
         http_options={"host": a.host, "port": a.port, "request_timeout_s": a.request_timeout_s}
     )

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from socratic.adapters import DatasetSpec, load_problems
+from socratic.ray_address import address_file, forget_cluster
 from tests.support.paths import REPO
 from tests.support.teacher_server import TeacherServer
 
@@ -33,7 +34,9 @@ def _free_port() -> int:
 @pytest.fixture()
 def head_node(tmp_path: Path):
     """A one-node cluster on loopback, started like a user would, stopped by killing its group
-    (`ray stop` would also stop the test session's own cluster)."""
+    (`ray stop` would also stop the test session's own cluster). Then, as `ray stop` does, the
+    address it left in `ray_current_cluster` is removed: a bare `ray.init()` afterwards would
+    otherwise try to join a dead GCS for minutes."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
     gcs, dash = _free_port(), _free_port()
     # Every agent port is chosen fresh: the defaults (52365, ...) are taken by the test
@@ -78,6 +81,11 @@ def head_node(tmp_path: Path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        forget_cluster(f"127.0.0.1:{gcs}")
+        left = address_file()
+        assert not left.exists() or left.read_text().strip().rsplit(":", 1)[-1] != str(gcs), (
+            f"{left} still names the stopped head"
+        )
 
 
 @pytest.mark.slow

@@ -37,12 +37,15 @@ def test_a_lone_call_starts_at_once() -> None:
         return time.perf_counter() - t
 
     assert asyncio.run(go()) < 0.05
-    assert batcher.batch_sizes == [1]
+    assert batcher.size_counts == {1: 1}
 
 
 def test_calls_that_queue_while_the_model_runs_form_the_next_batch() -> None:
     model = SlowModel(delay_s=0.1)
-    batcher = GreedyBatcher(model, max_batch_size=4)
+    heard: list[tuple[int, int]] = []
+    batcher = GreedyBatcher(
+        model, max_batch_size=4, on_batch=lambda n, waits: heard.append((n, len(waits)))
+    )
 
     async def go() -> list[str]:
         first = asyncio.create_task(batcher("a"))
@@ -52,7 +55,9 @@ def test_calls_that_queue_while_the_model_runs_form_the_next_batch() -> None:
 
     assert asyncio.run(go()) == list("ABCDEFG")  # each caller gets its own result
     assert model.batches == [["a"], ["b", "c", "d", "e"], ["f", "g"]]
-    assert batcher.batch_sizes == [1, 4, 2]
+    assert batcher.size_counts == {1: 1, 4: 1, 2: 1}  # bounded: one key per batch size
+    assert (batcher.calls, batcher.batches) == (7, 3)
+    assert heard == [(1, 1), (4, 4), (2, 2)]
 
 
 def test_a_failed_batch_fails_its_callers_only() -> None:

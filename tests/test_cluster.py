@@ -206,20 +206,24 @@ def test_manifests_take_secrets_from_secret_refs_only() -> None:
             assert not [k for k in job_env.get("env_vars", {}) if submit.is_secret_name(k)]
 
 
-def test_rayservice_serves_the_serve_config_deployments() -> None:
-    local = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
-    served = yaml.safe_load(manifests()["rayservice.yaml"]["spec"]["serveConfigV2"])
-    assert served["proxy_location"] == local["proxy_location"]
-    assert served["http_options"]["request_timeout_s"] == local["http_options"]["request_timeout_s"]
-    assert len(served["applications"]) == len(local["applications"])
-    for mine, theirs in zip(served["applications"], local["applications"], strict=True):
-        for key in ("name", "route_prefix", "import_path", "deployments"):
-            assert mine[key] == theirs[key], key
-        paths = {"decomposer", "solver"}  # model dirs: on the shared volume in the cluster
-        assert {k: v for k, v in mine["args"].items() if k not in paths} == {
-            k: v for k, v in theirs["args"].items() if k not in paths
-        }
-        assert all(mine["args"][k].startswith("/mnt/shared/") for k in paths)
+def test_rayservice_serves_serve_config_unchanged_but_host_and_model_paths() -> None:
+    """One source for the Serve config: the manifest's serveConfigV2 is serve/config.yaml, text
+    and all, but for the bind address and the model dirs (on the shared volume there)."""
+    local = (REPO / "serve" / "config.yaml").read_text()
+    local = local[local.index("proxy_location:") :]
+    served = manifests()["rayservice.yaml"]["spec"]["serveConfigV2"]
+    swap = {
+        "host: 127.0.0.1          # loopback unless you mean to expose it": (
+            "host: 0.0.0.0            # the pod's address; the ClusterIP Service is the boundary"
+        ),
+        "decomposer: outputs/students/decomposer": "decomposer: /mnt/shared/students/decomposer",
+        "solver: outputs/students/solver": "solver: /mnt/shared/students/solver",
+    }
+    for mine, theirs in swap.items():
+        assert mine in local, mine
+        local = local.replace(mine, theirs)
+    assert served.strip() == local.strip()
+    assert yaml.safe_load(served)["applications"][0]["args"]["decomposer_options"]
 
 
 def test_readme_cluster_section_names_files_that_exist() -> None:

@@ -11,6 +11,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.support.paths import REPO
 
@@ -50,15 +52,19 @@ def served(ray_cluster, tiny_model_dir: Path):
         serve.shutdown()
 
 
-def _post(url: str, body: bytes | str | dict, timeout: float = 120) -> tuple[int, bytes]:
+def _post(
+    url: str,
+    body: bytes | str | dict,
+    timeout: float = 120,
+    content_type: str | None = "application/json",
+) -> tuple[int, bytes]:
     data = (
         body
         if isinstance(body, bytes)
         else (body.encode() if isinstance(body, str) else json.dumps(body).encode())
     )
-    req = urllib.request.Request(
-        f"{url}/solve", data=data, headers={"Content-Type": "application/json"}
-    )
+    headers = {"Content-Type": content_type} if content_type else {}
+    req = urllib.request.Request(f"{url}/solve", data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, resp.read()
@@ -97,8 +103,8 @@ def test_concurrent_calls_share_a_batch_and_match_single_calls(served: str, tiny
     handle.reset_stats.remote().result()
     prompts = [decomposer_prompt(f"{PROBLEM} Try {i}.") for i in range(8)]
     texts = [r.result() for r in [handle.generate.remote(p) for p in prompts]]
-    sizes = handle.stats.remote().result()["batch_sizes"]
-    assert sum(sizes) == 8 and max(sizes) > 1, sizes
+    counts = handle.stats.remote().result()["batch_size_counts"]
+    assert sum(k * n for k, n in counts.items()) == 8 and max(counts) > 1, counts
     alone = Generator(tiny_model_dir, max_new_tokens=24)
     assert texts == [alone([p])[0] for p in prompts]
 
@@ -129,6 +135,7 @@ def test_stream_sends_one_event_per_step_then_done(served: str) -> None:
         ({"problem": PROBLEM, "stream": "yes"}, 422, "true or false"),
         ({"problem": PROBLEM, "prblem": 1}, 422, "unknown fields: prblem"),
         ([1, 2], 422, "JSON object"),
+        ({"problem": PROBLEM, "answer_kind": "maybe"}, 422, "'answer_kind' must be one of"),
     ],
 )
 def test_bad_input_gets_a_clear_4xx(served: str, body, status: int, message: str) -> None:
@@ -253,3 +260,172 @@ def test_overload_answers_503_instead_of_queueing_for_ever(served: str, tiny_mod
         assert codes.count(503) >= 1 and codes.count(200) >= 1, codes
     finally:
         serve.delete("tight")
+
+
+# --- no bad input gets a 5xx: each class over real HTTP ----------------------------------------
+
+GARBAGE = "\u202e\u200d" + "a\u0301\u0302\u0303\u05d0\u200f"  # RTL/ZWJ/combining/Hebrew
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "message"),
+    [
+        (json.dumps({"problem": PROBLEM}), "text/plain", 415, "must be application/json"),
+        (json.dumps({"problem": PROBLEM}), None, 415, "must be application/json"),
+        ("[" * 100_000 + "]" * 100_000, "application/json", 413, "limit is"),
+        ('{"problem": ' + "[" * 1000 + "]" * 1000 + "}", "application/json", 400, "nested"),
+        ('{"problem": "\\ud800 apples?"}', "application/json", 422, "unpaired surrogate"),
+        (json.dumps({"problem": "apples \U0010ffff?"}), "application/json", 422, "U+10FFFF"),
+        (json.dumps({"problem": "apples\x00?"}), "application/json", 422, "U+0000"),
+        (json.dumps({"problem": GARBAGE * 240}), "application/json", 413, "tokens"),
+        (b'{"problem": "\xff\xfe"}', "application/json", 400, "not valid JSON"),
+    ],
+    ids=["text-plain", "no-type", "deep-100k", "deep-1k", "surrogate", "nonchar", "nul",
+         "garbage-over-positions", "bad-utf8"],
+)  # fmt: skip
+def test_bad_bodies_get_a_4xx_with_a_json_detail(
+    served: str, body, content_type, status: int, message: str
+) -> None:
+    got, raw = _post(served, body, content_type=content_type)
+    assert got == status, raw[:300]
+    assert message in json.loads(raw)["detail"]
+
+
+def test_short_unicode_garbage_is_answered(served: str) -> None:
+    """Marks, joiners and bidi controls are text: within the model's positions they get a 200."""
+    got, raw = _post(served, {"problem": GARBAGE * 3 + " How many?", "max_steps": 1})
+    assert got == 200, raw
+
+
+def test_a_stream_ends_with_a_status_and_detail_when_the_prompt_is_too_long(served: str) -> None:
+    got, raw = _post(served, {"problem": GARBAGE * 240, "stream": True})
+    assert got == 200
+    last = [b for b in raw.decode().split("\n\n") if b.strip()][-1].splitlines()
+    assert last[0] == "event: error"
+    err = json.loads(last[1][len("data: ") :])
+    assert err["status"] == 413 and "tokens" in err["detail"]
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(problem=st.text(min_size=1, max_size=300))
+def test_any_text_gets_a_200_or_a_4xx_never_a_5xx(served: str, problem: str) -> None:
+    got, raw = _post(served, json.dumps({"problem": problem, "max_steps": 1}))
+    assert got == 200 or 400 <= got < 500, (got, raw[:300])
+    if got != 200:
+        assert json.loads(raw)["detail"]
+
+
+def test_failures_inside_the_loop_map_to_4xx_or_503() -> None:
+    """The ingress's mapping, on the real exception types a handle call raises."""
+    from ray.exceptions import ActorDiedError, RayTaskError
+    from ray.serve.exceptions import BackPressureError
+
+    from serve.app import PromptTooLong, failure
+
+    too_long = PromptTooLong("the prompt is 900 tokens; this model takes at most 488")
+    wrapped = RayTaskError("generate", "traceback", too_long).as_instanceof_cause()
+    assert failure(wrapped) == (413, "the prompt is 900 tokens; this model takes at most 488")
+    assert failure(BackPressureError(num_queued_requests=9, max_queued_requests=8))[0] == 503
+    assert failure(ActorDiedError())[0] == 503
+    assert failure(RuntimeError("boom")) == (
+        503, "the models failed on this request (RuntimeError); retry later")  # fmt: skip
+
+
+# --- answer kinds, metrics, the playground ----------------------------------------------------
+
+
+def test_answer_kind_per_request_reads_the_answer_as_evaluation_does(served: str) -> None:
+    from socratic.answers import extract_answer
+
+    for kind in ("number", "yesno"):
+        status, raw = _post(served, {"problem": PROBLEM, "max_steps": 2, "answer_kind": kind})
+        assert status == 200, raw
+        out = json.loads(raw)
+        assert out["answer"] == extract_answer(out["steps"][-1]["answer"], kind)
+
+
+def test_batch_sizes_queue_waits_and_tokens_reach_prometheus(served: str) -> None:
+    """Serve's metrics pipeline, as a Prometheus scrape sees it on the node's export port."""
+    import time
+
+    import ray
+
+    assert _post(served, {"problem": PROBLEM, "max_steps": 1})[0] == 200
+    port = ray.nodes()[0]["MetricsExportPort"]
+    want = ("socratic_batch_size_bucket", "socratic_queue_wait_s_bucket",
+            "socratic_generated_tokens")  # fmt: skip
+    text, deadline = "", time.monotonic() + 90  # metrics are exported every few seconds
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        if all(w in text for w in want):
+            break
+        time.sleep(2)
+    for w in want:
+        assert w in text, w
+    assert 'deployment="Decomposer"' in text and 'deployment="Solver"' in text
+
+
+def _chromium() -> tuple[str, str] | None:
+    import shutil
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+def test_playground_page_shows_each_step_then_the_answer(served: str, tmp_path: Path) -> None:
+    """A real headless Chromium types a problem into `GET /`, watches the steps arrive over
+    the SSE stream, then the final answer; saves a screenshot."""
+    import os
+
+    found = _chromium()
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must have chromium + chromium-driver (.ci/run installs them)")
+        pytest.skip("no chromium/chromedriver here: apt-get install chromium chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, driver_path = found
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1000,800"):  # fmt: skip
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+    try:
+        driver.get(served + "/")
+        assert "socratic-distill" in driver.title
+        box = driver.find_element(By.ID, "problem")
+        box.send_keys(PROBLEM)
+        driver.find_element(By.ID, "max_steps").clear()
+        driver.find_element(By.ID, "max_steps").send_keys("3")
+        driver.find_element(By.ID, "go").click()
+        wait = WebDriverWait(driver, 120)
+        wait.until(lambda d: d.find_element(By.ID, "answer").get_attribute("data-done") == "1"
+                   or d.find_element(By.ID, "error").text)  # fmt: skip
+        assert driver.find_element(By.ID, "error").text == ""
+        steps = driver.find_elements(By.CSS_SELECTOR, "#steps li")
+        assert steps and steps[0].find_element(By.CSS_SELECTOR, ".q").text.startswith("Q1: ")
+        assert all(" s (at " in li.find_element(By.CSS_SELECTOR, ".t").text for li in steps)
+        assert driver.find_element(By.ID, "answer").text.startswith("answer: ")
+        shot = tmp_path / "playground.png"
+        driver.save_screenshot(str(shot))
+        assert shot.stat().st_size > 1000
+        if os.environ.get("SOCRATIC_SCREENSHOT"):  # how docs/playground.png is made
+            driver.save_screenshot(os.environ["SOCRATIC_SCREENSHOT"])
+    finally:
+        driver.quit()
+
+
+def test_playground_is_one_static_page_with_no_outside_resources(served: str) -> None:
+    with urllib.request.urlopen(served + "/", timeout=30) as r:
+        assert r.headers["content-type"].startswith("text/html")
+        page = r.read().decode()
+    assert "<script" in page and 'fetch("solve"' in page  # relative: works under any prefix
+    assert "http://" not in page and "https://" not in page  # no CDN, nothing fetched elsewhere

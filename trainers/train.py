@@ -160,7 +160,9 @@ def run(cfg: TrainConfig) -> list[dict[str, Any]]:
     counts = check_data(cfg)
     log.info("examples per role: %s", counts)
     if not ray.is_initialized():
-        ray.init(address=cfg.address, configure_logging=False)
+        from socratic.ray_address import resolve_address
+
+        ray.init(address=resolve_address(cfg.address), configure_logging=False)
     jobs = [
         RoleJob(cfg, role, deepspeed, log_dir=f"{run_dir(cfg, role)}/tensorboard")
         for role in cfg.role_list
