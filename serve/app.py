@@ -38,7 +38,7 @@ from serve.batching import GreedyBatcher
 from serve.placement import MODELS, PlacementError, check_fits, size_to_cluster
 from serve.validate import MAX_BODY_BYTES, check_text, read_json
 from socratic.formats import parse_solver
-from socratic.generate import Generator
+from socratic.generate import Completion, Generator
 from socratic.solve import DEFAULT_MAX_STEPS, Solved, solve_async
 
 MAX_PROBLEM_CHARS = 2000
@@ -75,6 +75,7 @@ class StudentModel:
         num_threads: int | None = None,
         num_gpus: float = 0,
         dtype: str | None = None,
+        calculator: bool = False,
     ) -> None:
         device = "cuda" if num_gpus else "cpu"
         dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
@@ -86,6 +87,9 @@ class StudentModel:
             device=device,
         )
         self.max_new_tokens = max_new_tokens
+        # The calculator runs inside decoding (socratic/generate.py), one setting per replica,
+        # so a batch never mixes rows decoded with it and without it.
+        self.calculator = calculator
         self.max_positions = _max_positions(self.model.model.config)
         self.metrics = ModelMetrics()
         self.tokens = 0
@@ -93,12 +97,12 @@ class StudentModel:
             self._complete, max_batch_size, batch_wait_timeout_s, on_batch=self.metrics.batch
         )
 
-    def _complete(self, prompts: list[str]) -> list[str]:
-        completions = self.model.complete(prompts)
+    def _complete(self, prompts: list[str]) -> list[Completion]:
+        completions = self.model.complete(prompts, calculator=self.calculator)
         n = sum(c.completion_tokens for c in completions)
         self.tokens += n
         self.metrics.tokens(sum(c.prompt_tokens for c in completions), n)
-        return [c.text for c in completions]
+        return completions
 
     def _check_length(self, prompt: str) -> None:
         if self.max_positions is None:
@@ -111,8 +115,9 @@ class StudentModel:
                 f"{self.max_new_tokens} kept for the answer)"
             )
 
-    async def generate(self, prompt: str) -> str:
-        """One prompt's completion; concurrent calls share one left-padded `generate`."""
+    async def generate(self, prompt: str) -> Completion:
+        """One prompt's completion (text, token counts, calculator counts); concurrent calls
+        share one left-padded `generate`."""
         self._check_length(prompt)
         return await self.batcher(prompt)
 
@@ -233,10 +238,10 @@ class Ingress:
         self.max_body_bytes = max_body_bytes
         self.page = PLAYGROUND.read_text(encoding="utf-8")
 
-    async def _decompose(self, prompt: str) -> str:
+    async def _decompose(self, prompt: str) -> Completion:
         return await self.decomposer.generate.remote(prompt)
 
-    async def _solve_step(self, prompt: str) -> str:
+    async def _solve_step(self, prompt: str) -> Completion:
         return await self.solver.generate.remote(prompt)
 
     def _parse(self, body: Any) -> tuple[str, int, bool, str]:
@@ -301,13 +306,15 @@ class Ingress:
         """One `step` event per solved step (with its time and, where the calculator changed
         the student's arithmetic, what the student wrote), then `done` or `error`."""
         queue: asyncio.Queue[Solved | None] = asyncio.Queue()
-        written: list[str] = []  # the student's own answers, before the calculator
+        forced: list[int] = []  # results the calculator forced into each step's decoding
+        written: list[str] = []  # the student's own answers, where the fallback changed them
         t0 = last = time.perf_counter()
 
-        async def solve_step(prompt: str) -> str:
-            text = await self._solve_step(prompt)
-            written.append(parse_solver(text) or "(no answer)")
-            return text
+        async def solve_step(prompt: str) -> Completion:
+            reply = await self._solve_step(prompt)
+            forced.append(reply.calculator_forced)
+            written.append(parse_solver(reply.text) or "(no answer)")
+            return reply
 
         async def on_step(event: Solved) -> None:
             await queue.put(event)
@@ -321,7 +328,10 @@ class Ingress:
             payload = {"k": event.k, **event.step.to_dict()}
             payload.update(step_s=round(now - last, 4), elapsed_s=round(now - t0, 4))
             student = written[event.k - 1] if len(written) >= event.k else None
-            if student is not None and student != event.step.answer:
+            n_forced = forced[event.k - 1] if len(forced) >= event.k else 0
+            if n_forced:
+                payload["calculator"] = {"forced": n_forced}
+            elif student is not None and student != event.step.answer:
                 payload["calculator"] = {"student": student}
             last = now
             yield f"event: step\ndata: {json.dumps(payload)}\n\n"
@@ -380,7 +390,10 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         args["decomposer"], num_gpus=gpus["Decomposer"], **model_kw
     )
     solver = StudentModel.options(name="Solver", **options["Solver"]).bind(
-        args["solver"], num_gpus=gpus["Solver"], **model_kw
+        args["solver"],
+        num_gpus=gpus["Solver"],
+        calculator=args.get("calculator", True),
+        **model_kw,
     )
     return Ingress.options(**options["Ingress"]).bind(
         decomposer,

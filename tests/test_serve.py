@@ -102,7 +102,7 @@ def test_concurrent_calls_share_a_batch_and_match_single_calls(served: str, tiny
     handle = serve.get_deployment_handle("Decomposer", app_name="socratic")
     handle.reset_stats.remote().result()
     prompts = [decomposer_prompt(f"{PROBLEM} Try {i}.") for i in range(8)]
-    texts = [r.result() for r in [handle.generate.remote(p) for p in prompts]]
+    texts = [r.result().text for r in [handle.generate.remote(p) for p in prompts]]
     counts = handle.stats.remote().result()["batch_size_counts"]
     assert sum(k * n for k, n in counts.items()) == 8 and max(counts) > 1, counts
     alone = Generator(tiny_model_dir, max_new_tokens=24)
