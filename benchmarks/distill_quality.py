@@ -55,7 +55,8 @@ if __package__ in (None, ""):
 
 from socratic.adapters import DatasetSpec, load_problems  # noqa: E402
 from socratic.config import option, parse_config  # noqa: E402
-from socratic.formats import examples_for  # noqa: E402
+from socratic.formats import Example, examples_for  # noqa: E402
+from trainers.data import tokenize  # noqa: E402
 
 log = logging.getLogger("distill_quality")
 
@@ -223,6 +224,19 @@ def role_texts(problems: Sequence[Any], role: str) -> list[tuple[str, str]]:
     return out
 
 
+def train_examples(problems: Sequence[Any], role: str) -> list[Any]:
+    """What the trainer trains `role` on: the solver packed (one sequence per problem, the
+    trainer's default `--solver-examples packed`), every other role one example per problem.
+
+    Why not `role_texts`: planning the solver's steps on its per-example form counted ~1.7x the
+    tokens a packed step really holds, so its budget share and step count were wrong."""
+    from socratic.formats import solver_sequence
+
+    if role == "solver":
+        return [solver_sequence(p.question, p.steps) for p in problems if p.steps]
+    return [Example(p, t) for p, t in role_texts(problems, role)]
+
+
 # --- stages ----------------------------------------------------------------------------------
 
 
@@ -258,9 +272,7 @@ def plan_steps(cfg: QualityConfig, problems: Sequence[Any], base: str) -> dict[s
     for method in cfg.method_list:
         epoch_tokens = {}
         for role in METHOD_ROLES[method]:
-            texts = role_texts(problems, role)
-            lengths = tok([p + t for p, t in texts], add_special_tokens=False)["input_ids"]
-            n = [min(len(x) + 1, cfg.max_length) for x in lengths]
+            n = tokenize(train_examples(problems, role), tok, cfg.max_length).lengths
             epoch_tokens[role] = (sum(n), len(n))
         total = sum(t for t, _ in epoch_tokens.values())
         for role, (tokens, examples) in epoch_tokens.items():

@@ -1,0 +1,31 @@
+"""The benchmark plans each role's steps on the sequences the trainer really trains on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks.distill_quality import QualityConfig, plan_steps, problems_of, train_examples
+from trainers.data import build_examples, tokenize
+from trainers.scratch import build_student
+
+
+def test_socratic_pair_sees_its_data_equally_often_with_the_packed_solver(tmp_path: Path) -> None:
+    cfg = QualityConfig(dataset_config="ops=2-2,operands=2-9,n_train=60,n_test=4,n_long=0",
+                        methods="iterative", budget_tokens=200_000, warmup_steps=1)  # fmt: skip
+    problems = problems_of(cfg, "train", None)
+    texts = [p.question + s.answer for p in problems for s in p.steps]
+    base = build_student(tmp_path / "base", texts)
+    plan = plan_steps(cfg, problems, str(base))
+    # the docstring's promise: the pair shares one budget so both see the data as often
+    assert abs(plan["decomposer"]["epochs"] - plan["solver"]["epochs"]) < 0.1, plan
+    # and the solver's planned sequences are the trainer's packed ones (one per problem)
+    rows = [{"question": p.question, "answer": p.answer,
+             "steps": [{"question": s.question, "answer": s.answer} for s in p.steps]}
+            for p in problems]  # fmt: skip
+    packed, _ = build_examples(rows, "solver", packed=True)
+    assert packed == train_examples(problems, "solver")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    mean = sum(tokenize(packed, tok, cfg.max_length).lengths) / len(packed)
+    assert plan["solver"]["mean_tokens"] == round(mean, 1)
