@@ -309,6 +309,10 @@ def _submit(stage: str, sid: str, args: list[str], address: str, env: dict[str, 
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("SOCRATIC_RUN_MULTINODE"),
+    reason="opt-in (SOCRATIC_RUN_MULTINODE=1): ~130 s, left out of CI to keep it under 25 min",
+)
 def test_annotate_then_train_on_a_two_node_cluster(
     two_node_cluster, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
