@@ -18,8 +18,8 @@ What it does, in one process and one local Ray cluster:
    from scratch" used 1e-3 for ~1500 steps; at the few hundred steps a CI-sized run affords,
    1e-3 left the pair at the untrained score: 1/40 against 20/40 at 3e-3, same steps).
 4. Evaluation: `pipelines.evaluate.run` on the in-length test split and the longer split
-   (`long`: more operations than any training problem), calculator on and off where the method
-   has it (today: the iterative pair; one-pass methods are scored as written, `n/a`).
+   (`long`: more operations than any training problem), calculator on and off for every method that
+   writes arithmetic (the iterative pair, unified and cot; answer-only has none, `n/a`).
 5. Output: a paper-shaped table (method x {in-length, longer} x calculator), accuracy by number
    of operations as a PNG (one line per method), target lines, and `--json` with every figure.
 
