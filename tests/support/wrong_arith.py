@@ -10,6 +10,7 @@ saved as a plain HF directory and loaded by `socratic.generate.Generator` like a
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,19 +77,30 @@ def build_wrong_arith_model(
     # a tokenizer joins `=` with what follows it.
     tokenizer = build_tokenizer(texts * 4 + ["x=-1 y=-2 z=-3 <<1-2=-1>>"] * 8, vocab_size=400)
     eos = tokenizer.eos_token_id
+    seqs = [tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
+    targets = [list(s) for s in seqs]
+    # With the calculator on, the model must go on with its own text after a forced value, not
+    # wander off it: what it writes there would then hang on the machine's float rounding (CI
+    # once saw `<<33+/2=`). So it also learns each text as decoding sees it with every span's
+    # value forced right. The forced tokens carry no loss, so nothing competes with the wrong
+    # values it writes itself.
+    for case in CASES:
+        ids, labels = _forced_sequence(tokenizer, case)
+        seqs.append(ids + [eos])
+        targets.append(labels + [eos])
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=256, n_embd=64, n_layer=2, n_head=2,
         bos_token_id=eos, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config)
-    seqs = [tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
     labels = torch.full((len(seqs), width), -100)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = labels[i, : len(s)] = torch.tensor(s)
+    for i, (s, t) in enumerate(zip(seqs, targets, strict=True)):
+        ids[i, : len(s)] = torch.tensor(s)
+        labels[i, : len(t)] = torch.tensor(t)
         mask[i, : len(s)] = 1
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     threads = torch.get_num_threads()
@@ -118,3 +130,38 @@ def wrong_arith_model_dir(tmp_path_factory: Any) -> Path:
     if not (out / "config.json").is_file():
         build_wrong_arith_model(out)
     return out
+
+
+def _forced_sequence(tokenizer: Any, case: Case) -> tuple[list[int], list[int]]:
+    """Token ids of `case` as `generate` with the calculator writes it: the model's own tokens up
+    to each span's `=` (a merged `=-` included), the tokens `CalculatorForcing` forces for the
+    right value and `>>` (label -100), then the model's own tokens after its wrong `>>`."""
+    from socratic.generate import CalculatorForcing
+
+    text = case.prompt + case.wrong
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    wrong, offsets = enc["input_ids"], enc["offset_mapping"]
+    forcing = CalculatorForcing(tokenizer, 0, set(), {})
+    ids: list[int] = []
+    labels: list[int] = []
+    done = 0  # tokens of `wrong` already placed
+    spans = list(re.finditer(r"<<[^<>=]*=([^<>]*)>>", text))
+    for m, right in zip(spans, case.right_values, strict=False):
+        eq = m.start(1) - 1
+        # the token holding the span's `=`, and the one that ends its `>>`
+        at_eq = next(i for i, (s, e) in enumerate(offsets) if s <= eq < e)
+        after_gt = next(i for i, (_, e) in enumerate(offsets) if e == m.end()) + 1
+        if offsets[after_gt - 1][0] < m.start(1):
+            raise ValueError(f"the tokenizer merges a value into `=`/`>>` in {m.group(0)!r}")
+        own = wrong[done : at_eq + 1]
+        ids += own
+        labels += own
+        written = text[eq + 1 : offsets[at_eq][1]]  # what a merged `=-` writes after `=`
+        remainder = (right + ">>").removeprefix(written)
+        forced = forcing._encode_after(tokenizer.decode(wrong[: at_eq + 1])[m.start() :], remainder)
+        ids += forced
+        labels += [-100] * len(forced)
+        done = after_gt
+    ids += wrong[done:]
+    labels += wrong[done:]
+    return ids, labels
