@@ -423,6 +423,8 @@ def table(cfg: QualityConfig, evals: dict[str, dict]) -> str:
 def target_lines(cfg: QualityConfig, evals: dict[str, dict]) -> tuple[list[str], dict[str, Any]]:
     lines, figures = [], {}
     soc = accuracy(evals, "in-length", "iterative", True)
+    if untrained := accuracy(evals, "in-length", "untrained", True):
+        figures["untrained_calculator_on_in_length"] = untrained["accuracy"]
     ans = accuracy(evals, "in-length", "answer", True)
     if soc:
         v = soc["accuracy"]

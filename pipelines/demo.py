@@ -93,6 +93,11 @@ class DemoConfig:
     arith_budget_tokens: int = option(1_000_000, help="stage 6: training tokens per method")
     arith_methods: str = option("iterative,answer", help="stage 6: methods to train and score")
     num_cpus: int = option(4, help="logical CPUs of the local Ray cluster")
+    sequential_training: bool = option(
+        True,
+        help="train decomposer and solver one after the other: two SmolLM2 runs at once do not "
+        "fit beside everything else on a 2-core, 24 GiB machine (a tiny student does)",
+    )
 
     @property
     def out(self) -> Path:
@@ -211,7 +216,7 @@ def train_students(cfg: DemoConfig, summaries: dict[str, dict[str, Any]]) -> lis
         warmup_steps=1,
         max_steps=cfg.train_steps,
         checkpoint_every=cfg.train_steps,
-        sequential=True,
+        sequential=cfg.sequential_training,
         num_workers=cfg.workers,
     )
     results = train.run(tcfg)

@@ -77,7 +77,7 @@ def head_node(tmp_path: Path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=5)  # `ray start --block` can take 30 s to stop on SIGTERM
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
