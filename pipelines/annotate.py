@@ -20,6 +20,11 @@ with the same schema and no teacher call (the paper's human-annotation set-up).
 Spend: before any call the run prints an estimate (calls, tokens, USD); `--max-cost-usd` refuses
 to start above it and stops cleanly once real usage reaches it; `--dry-run` stops after it.
 
+`--batch-api` sends the same requests through the OpenAI Batch API instead (at its discount,
+`--batch-discount`): JSONL files uploaded, batches created, polled and collected in the driver,
+each answer judged into the same row as online (`pipelines/batch_api.py`). No Ray actors are
+involved; a rerun collects batches an earlier run left running rather than paying again.
+
 The API key is read from the environment only (`--api-key-env`, default OPENAI_API_KEY): the
 driver checks it is set, and each actor reads it from its own node's environment, so it never
 travels in actor arguments (which Ray stores in its GCS), Parquet, the summary, logs or the
@@ -64,6 +69,7 @@ from pipelines.prompting import (
 )
 from pipelines.teacher_client import (
     BudgetExhausted,
+    CallResult,
     FatalTeacherError,
     Prices,
     RetryPolicy,
@@ -140,7 +146,9 @@ class AnnotateConfig:
     max_cost_usd: float | None = option(
         None,
         help="refuse to start when the estimate is above this, and stop once the spend counted "
-        "from real usage reaches it (needs --price-in/--price-out); a rerun resumes",
+        "from real usage reaches it (needs --price-in/--price-out); a rerun resumes. With "
+        "--batch-api: stop submitting new batches once the estimated cost of the submitted ones "
+        "would pass it (a batch cannot be stopped part-way)",
     )
     dry_run: bool = option(False, help="print the spend estimate and exit, calling nothing")
     step_check: str = option(
@@ -152,6 +160,39 @@ class AnnotateConfig:
     chunk_rows: int = option(
         20_000,
         help="problem-samples per Ray Data run: the driver holds one chunk, never the dataset",
+    )
+    batch_api: bool = option(
+        False,
+        help="send the requests through the OpenAI Batch API (JSONL upload, batches, polling; "
+        "--batch-discount of the price, answers within --batch-window) instead of online calls. "
+        "Batch ids are recorded under <output>/_batches/: a rerun collects batches still running "
+        "instead of paying twice",
+    )
+    batch_poll_s: float = option(30.0, help="--batch-api: seconds between polls of the batches")
+    batch_max_requests: int = option(
+        50_000, help="--batch-api: requests per batch at most (OpenAI's limit: 50,000)"
+    )
+    batch_max_bytes: int = option(
+        190_000_000, help="--batch-api: bytes of JSONL per batch at most (OpenAI's limit: 200 MB)"
+    )
+    batch_discount: float = option(
+        0.5, help="--batch-api: its price as a share of the online price (OpenAI: half)"
+    )
+    batch_window: str = option("24h", help="--batch-api: completion window", choices=("24h",))
+    batch_max_wait_s: float | None = option(
+        None,
+        help="--batch-api: stop waiting after this many seconds; the batches keep running at the "
+        "provider and a rerun into the same output collects them",
+    )
+    batch_max_rounds: int = option(
+        3,
+        help="--batch-api: times a request left unanswered (expired or failed batch, lost output "
+        "file) is submitted in all within one run",
+    )
+    batch_max_active: int | None = option(
+        None,
+        help="--batch-api: batches in progress at once at most (providers limit the tokens "
+        "enqueued per model); default: no limit",
     )
     address: str | None = option(None, help="Ray address (default: RAY_ADDRESS or a local cluster)")
     seed: int = option(0, help="seed for retry jitter and seeded dataset splits")
@@ -167,6 +208,14 @@ class AnnotateConfig:
             raise ValueError("--chunk-rows must be at least 1")
         if self.max_cost_usd is not None and self.price_in is None and self.price_out is None:
             raise ValueError("--max-cost-usd needs --price-in and/or --price-out to count spend")
+        if self.batch_api and self.mode != "teacher":
+            raise ValueError("--batch-api sends teacher requests; it needs --mode teacher")
+        if self.batch_max_requests < 1 or self.batch_max_bytes < 1 or self.batch_max_rounds < 1:
+            raise ValueError("--batch-max-requests, --batch-max-bytes, --batch-max-rounds: >= 1")
+        if self.batch_poll_s <= 0 or not 0 < self.batch_discount <= 1:
+            raise ValueError("--batch-poll-s must be > 0 and --batch-discount within (0, 1]")
+        if self.batch_max_active is not None and self.batch_max_active < 1:
+            raise ValueError("--batch-max-active must be at least 1")
 
     @property
     def prices(self) -> Prices:
@@ -175,6 +224,11 @@ class AnnotateConfig:
     @property
     def priced(self) -> bool:
         return self.price_in is not None or self.price_out is not None
+
+    @property
+    def price_factor(self) -> float:
+        """What the endpoint charges of the --price-in/--price-out prices: the Batch API less."""
+        return self.batch_discount if self.batch_api else 1.0
 
     @property
     def sampling(self) -> dict[str, Any]:
@@ -326,6 +380,26 @@ def iter_work_items(
             yield {**row, "sample": sample, "cache_key": key}, messages
 
 
+def todo_items(
+    items: Iterable[tuple[dict[str, Any], list[dict[str, str]]]],
+    done: set[str],
+    pending: set[str],
+    keys: KeyLog,
+    new_keys: KeyLog,
+) -> Iterator[tuple[dict[str, Any], list[dict[str, str]]]]:
+    """`--batch-api`: (row, messages) not yet answered nor in a batch still to collect, lazily.
+
+    A pending key (in an earlier run's batch) is expected from this run, which collects it.
+    """
+    for item, messages in items:
+        keys.add(item["cache_key"])
+        if item["cache_key"] in done:
+            continue
+        new_keys.add(item["cache_key"])
+        if item["cache_key"] not in pending:
+            yield item, messages
+
+
 def todo_chunks(
     items: Iterable[tuple[dict[str, Any], Any]],
     done: set[str],
@@ -394,7 +468,9 @@ def estimate_spend(cfg: AnnotateConfig, done: set[str]) -> dict[str, Any]:
         calls += 1
         prompt_tokens += last_tokens
     completion_tokens = calls * cfg.max_tokens
-    cost = cfg.prices.cost(prompt_tokens, completion_tokens) if cfg.priced else None
+    cost = None
+    if cfg.priced:
+        cost = cfg.prices.cost(prompt_tokens, completion_tokens) * cfg.price_factor
     return {
         "calls": calls,
         "prompt_tokens": prompt_tokens,
@@ -402,11 +478,14 @@ def estimate_spend(cfg: AnnotateConfig, done: set[str]) -> dict[str, Any]:
         "prompt_tokens_by": tokenizer,
         "completion_tokens_by": f"--max-tokens {cfg.max_tokens} per call (an upper bound)",
         "cost_usd": None if cost is None else round(cost, 6),
+        "pricing": f"Batch API price, x{cfg.batch_discount:g}" if cfg.batch_api else None,
     }
 
 
 def format_estimate(e: dict[str, Any]) -> str:
     cost = "no --price-in/--price-out given" if e["cost_usd"] is None else f"${e['cost_usd']:.4f}"
+    if e["cost_usd"] is not None and e.get("pricing"):
+        cost += f" ({e['pricing']})"
     return (
         f"estimate: {e['calls']} teacher calls, {e['prompt_tokens']} prompt tokens "
         f"({e['prompt_tokens_by']}) + at most {e['completion_tokens']} completion tokens "
@@ -457,6 +536,57 @@ def gold_batch(batch: pa.Table) -> pa.Table:
     return annotation_table(rows)
 
 
+def verdict_fields(cfg: AnnotateConfig, p: Problem, text: str, style: str) -> dict[str, Any]:
+    """How a teacher reply is judged (the online and the Batch API path alike): steps,
+    predicted, status, reason, and the per-step check."""
+    v = judge(p, text, style)
+    out = dict(steps=v.steps, predicted=v.predicted, status=v.status, reason=v.reason)
+    if style != "socratic" or not v.steps or cfg.step_check == "off":
+        return out
+    wrong, fixed = check_steps(v.steps)
+    out["step_check"] = "ok"
+    if wrong and cfg.step_check == "repair":
+        r = judge(p, unified_target(fixed), style)
+        out.update(steps=fixed, predicted=r.predicted, status=r.status, reason=r.reason)
+        out["step_check"] = "repaired"
+    elif wrong:
+        out["step_check"] = "wrong"
+        if v.status != REJECTED:
+            out.update(status=REJECTED, reason=WRONG_STEP)
+    return out
+
+
+def teacher_row(
+    cfg: AnnotateConfig,
+    p: Problem,
+    item: Mapping[str, Any],
+    result: CallResult,
+    *,
+    teacher: str,
+    prompt_version: str,
+    style: str,
+) -> dict[str, Any]:
+    """The annotation row of one teacher call: judged, or rejected with its API error."""
+    common = dict(
+        sample=item["sample"],
+        teacher=teacher,
+        prompt_version=prompt_version,
+        style=style,
+        cache_key=item["cache_key"],
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        attempts=result.attempts,
+    )
+    if result.error is not None:
+        return annotation_row(
+            p, steps=(), predicted=None, status=REJECTED, reason=result.error, **common
+        )
+    v = verdict_fields(cfg, p, result.text or "", style)
+    return annotation_row(
+        p, raw=result.text, decomposition=decomposition_id(v["steps"]), **v, **common
+    )
+
+
 def _actor_api_key(cfg: AnnotateConfig) -> Secret:
     """The key from this node's environment: never a constructor argument, which Ray keeps in
     its GCS (and shows in the dashboard) for as long as the actor lives."""
@@ -498,23 +628,6 @@ class TeacherAnnotator:
             http_client=cfg.http_client,
         )
 
-    def _verdict(self, p: Problem, text: str, style: str) -> dict[str, Any]:
-        v = judge(p, text, style)
-        out = dict(steps=v.steps, predicted=v.predicted, status=v.status, reason=v.reason)
-        if style != "socratic" or not v.steps or self.cfg.step_check == "off":
-            return out
-        wrong, fixed = check_steps(v.steps)
-        out["step_check"] = "ok"
-        if wrong and self.cfg.step_check == "repair":
-            r = judge(p, unified_target(fixed), style)
-            out.update(steps=fixed, predicted=r.predicted, status=r.status, reason=r.reason)
-            out["step_check"] = "repaired"
-        elif wrong:
-            out["step_check"] = "wrong"
-            if v.status != REJECTED:
-                out.update(status=REJECTED, reason=WRONG_STEP)
-        return out
-
     async def _one(self, item: dict[str, Any]) -> dict[str, Any] | None:
         p = problem_from_row(item)
         if p.answer_kind not in self.prompts:  # parse each prompt file once, not per row
@@ -524,29 +637,15 @@ class TeacherAnnotator:
             result = await self.client.complete(prompt.messages(p, self.cfg.with_gold_solution))
         except BudgetExhausted:
             return None  # never called: no row, so the rerun does it
-        common = dict(
-            sample=item["sample"],
+        row = teacher_row(
+            self.cfg,
+            p,
+            item,
+            result,
             teacher=self.cfg.model,
             prompt_version=prompt.version,
             style=prompt.style,
-            cache_key=item["cache_key"],
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            attempts=result.attempts,
         )
-        if result.error is not None:
-            row = annotation_row(
-                p, steps=(), predicted=None, status=REJECTED, reason=result.error, **common
-            )
-        else:
-            v = self._verdict(p, result.text or "", prompt.style)
-            row = annotation_row(
-                p,
-                raw=result.text,
-                decomposition=decomposition_id(v["steps"]),
-                **v,
-                **common,
-            )
         self.journal.add(row)
         return row
 
@@ -632,40 +731,16 @@ def _cost_of(fs: pafs.FileSystem, files: Iterable[str], prices: Prices) -> float
     return cost
 
 
-def run(cfg: AnnotateConfig) -> dict[str, Any]:
-    """Annotate and return the summary (also written to `<output>/summary.json`)."""
+def _run_online(
+    cfg: AnnotateConfig,
+    fs: pafs.FileSystem,
+    root: str,
+    chunks: Iterator[list[dict[str, Any]]],
+    new_keys: KeyLog,
+) -> str | None:
+    """Online calls, one Ray Data run per chunk; returns why it stopped early, if it did."""
     import ray
 
-    t0 = time.perf_counter()
-    fs, root = output_fs(cfg.output)
-    if cfg.mode == "teacher":
-        _check_api_key(cfg)
-    warnings = []
-    if cfg.mode == "teacher" and cfg.samples > 1 and cfg.temperature == 0:
-        warnings.append(
-            f"--samples {cfg.samples} at --temperature 0: the samples will mostly be the same "
-            "answer (marked by their equal `decomposition`); raise --temperature for variety"
-        )
-        log.warning(warnings[-1])
-    state = prepare_output(fs, root)
-    estimate = None
-    if cfg.mode == "teacher":
-        estimate = estimate_spend(cfg, state.done)
-        print(format_estimate(estimate), flush=True)
-        cost = estimate["cost_usd"]
-        if cfg.max_cost_usd is not None and cost is not None and cost > cfg.max_cost_usd:
-            raise SpendRefused(
-                f"the estimate ${cost:.4f} is above --max-cost-usd {cfg.max_cost_usd:g}; nothing "
-                "was called. Raise the cap, lower --max-tokens or --samples, or --limit the run."
-            )
-    if cfg.dry_run:
-        return {"dry_run": True, "estimate": estimate, "already_done": len(state.done)}
-
-    keys, new_keys = KeyLog(), KeyLog()
-    spec = DatasetSpec.from_config(cfg)
-    chunks = todo_chunks(
-        iter_work_items(cfg, load_problems(spec)), state.done, cfg.chunk_rows, keys, new_keys
-    )
     spent, stopped = 0.0, None
     for chunk in chunks:
         log.info("annotating %d problem-samples (%d so far)", len(chunk), new_keys.count)
@@ -686,10 +761,65 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
     for _ in chunks:  # after a stop: the rest still counts as this run's expected rows
         pass
     del chunks
+    return stopped
+
+
+def run(cfg: AnnotateConfig) -> dict[str, Any]:
+    """Annotate and return the summary (also written to `<output>/summary.json`)."""
+    t0 = time.perf_counter()
+    fs, root = output_fs(cfg.output)
+    if cfg.mode == "teacher":
+        _check_api_key(cfg)
+    warnings = []
+    if cfg.mode == "teacher" and cfg.samples > 1 and cfg.temperature == 0:
+        warnings.append(
+            f"--samples {cfg.samples} at --temperature 0: the samples will mostly be the same "
+            "answer (marked by their equal `decomposition`); raise --temperature for variety"
+        )
+        log.warning(warnings[-1])
+    state = prepare_output(fs, root)
+    runner, pending = None, set()
+    if cfg.batch_api:
+        from pipelines.batch_api import BatchRunner  # imports this module: not at the top
+
+        runner = BatchRunner(cfg, fs, root)
+        pending = runner.pending_keys()  # in batches an earlier run left: collected, not paid
+    estimate = None
+    if cfg.mode == "teacher":
+        estimate = estimate_spend(cfg, state.done | pending if pending else state.done)
+        print(format_estimate(estimate), flush=True)
+        cost = estimate["cost_usd"]
+        if cfg.max_cost_usd is not None and cost is not None and cost > cfg.max_cost_usd:
+            raise SpendRefused(
+                f"the estimate ${cost:.4f} is above --max-cost-usd {cfg.max_cost_usd:g}; nothing "
+                "was called. Raise the cap, lower --max-tokens or --samples, or --limit the run."
+            )
+    if cfg.dry_run:
+        return {"dry_run": True, "estimate": estimate, "already_done": len(state.done)}
+
+    keys, new_keys = KeyLog(), KeyLog()
+    spec = DatasetSpec.from_config(cfg)
+    if runner is not None:
+        items = todo_items(
+            iter_work_items(cfg, load_problems(spec)), state.done, pending, keys, new_keys
+        )
+        report = runner.run(items)
+        for _ in items:  # after a stop: the rest still counts as this run's expected rows
+            pass
+        del items
+        stopped, batches = report.stopped, report.summary()
+        warnings += report.warnings
+    else:
+        chunks = todo_chunks(
+            iter_work_items(cfg, load_problems(spec)), state.done, cfg.chunk_rows, keys, new_keys
+        )
+        stopped, batches = _run_online(cfg, fs, root, chunks, new_keys), None
 
     summary = summarize(
         cfg, fs, root, keys, new_keys, state, time.perf_counter() - t0, estimate, stopped
     )
+    if batches is not None:
+        summary["batches"] = batches
     summary["warnings"] = warnings
     with fs.open_output_stream(posixpath.join(root, "summary.json")) as f:
         f.write(json.dumps(summary, indent=2).encode())
@@ -728,7 +858,7 @@ def summarize(
     prompt_tokens, completion_tokens = _sum(new["prompt_tokens"]), _sum(new["completion_tokens"])
     cost = None
     if cfg.priced:
-        cost = round(cfg.prices.cost(prompt_tokens, completion_tokens), 6)
+        cost = round(cfg.prices.cost(prompt_tokens, completion_tokens) * cfg.price_factor, 6)
     decomposed = rows.filter(pc.is_valid(rows["decomposition"]))
     groups = decomposed.group_by(["id", "decomposition"]).aggregate([("sample", "count")])
     step_checks = Counter(x for x in rows["step_check"].to_pylist() if x is not None)
@@ -794,6 +924,8 @@ def format_summary(s: dict[str, Any]) -> str:
     ]
     if s["journal_rows_recovered"]:
         lines.insert(3, f"  {s['journal_rows_recovered']} answered rows recovered from the journal")
+    if s.get("batches"):
+        lines += format_batches(s["batches"])
     if s.get("stopped"):
         lines.append(
             f"  stopped: {s['stopped']} after {s['written_this_run']} rows; "
@@ -801,6 +933,33 @@ def format_summary(s: dict[str, Any]) -> str:
         )
     lines += [f"  warning: {w}" for w in s.get("warnings", [])]
     return "\n".join(lines)
+
+
+def format_batches(b: dict[str, Any]) -> list[str]:
+    """The summary's Batch API lines: batches by state, resubmissions, and losses said loudly."""
+    states = ", ".join(f"{k} {v}" for k, v in b["by_status"].items()) or "none"
+    lines = [
+        f"  Batch API: {b['batches']} batches ({b['new']} submitted, {b['resumed']} from an "
+        f"earlier run): {states}; {b['requests']} requests sent, {b['resubmitted_requests']} of "
+        f"them resubmitted ({b['expired']} expired, {b['failed']} failed batches), "
+        f"{b['unanswered_requests']} unanswered after {b['max_rounds']} rounds",
+    ]
+    if b["ids"]:
+        shown = ", ".join(b["ids"][:8]) + (
+            f" and {len(b['ids']) - 8} more" if len(b["ids"]) > 8 else ""
+        )
+        lines.append(f"  batch ids: {shown}")
+    if b["lost_output_files"]:
+        lines.append(
+            f"  LOST: {b['lost_output_files']} output file(s) could not be downloaded: "
+            f"{b['lost_output_requests']} answers were paid for and are gone (resubmitted)"
+        )
+    if b["still_running"]:
+        lines.append(
+            f"  still running: {', '.join(b['still_running'])}: rerun into the same output to "
+            "collect them (nothing is paid twice)"
+        )
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,6 +26,25 @@ How the faults reach an `openai` client with `max_retries=0`:
 * "wrong_step" -> HTTP 200, the gold steps with one intermediate `<<expr=value>>` result off by
   one (the final answer still right): what only a per-step check catches.
 
+The Batch API is served too: `/v1/files` (multipart upload with `purpose=batch`, metadata,
+content, delete) and `/v1/batches` (create, retrieve, list with `limit`/`after`, cancel). Each line
+of a batch is answered by the same function as a chat request (`TeacherServer._answer`), so the
+per-request faults, the wrong answers and the counters apply to batch lines alike; a batch line
+counts as a request in `stats()` (and in `batch_requests`). A batch is worked through as it is
+polled: it stays `in_progress` for `FaultPlan.batch_polls` retrieves, answering a share of its
+lines at each, then ends. `FaultPlan.batch_faults` gives the fate of successive batches:
+
+* "ok" -> `completed`; answers in the output file, error statuses (a "500" or "400" fault, say)
+  in the error file as `response.status_code` >= 400 lines, as OpenAI writes them.
+* "expire" -> `expired` once `expire_fraction` of its lines are answered; the output file holds
+  those, the error file a `batch_expired` line for each of the rest.
+* "lose_output" -> `completed`, with an `output_file_id` whose file answers 404 (paid, gone).
+* "fail" -> `failed` at the first poll (`errors`: token_limit_exceeded), nothing answered.
+
+A "slow" fault does not delay a batch line, and a "close" fault becomes a 500 line. A cancelled
+batch keeps what it answered and writes nothing for the rest. Files and batches survive `reset()`
+(they are the provider's state, not the test's counters).
+
 A server in another process (the CLI at the bottom) is driven over HTTP: `POST /_control/plan`
 (a FaultPlan as JSON), `POST /_control/reset`, `GET /_control/stats`.
 """
@@ -34,7 +53,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import email.parser
+import email.policy
 import json
+import math
 import os
 import random
 import re
@@ -44,12 +66,13 @@ import socketserver
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from socratic.answers import format_answer, parse_number
 from socratic.formats import clean, cot_target, unified_target
@@ -70,6 +93,9 @@ FAULTS = (
     "403",
     "close",
 )
+BATCH_FAULTS = ("ok", "expire", "lose_output", "fail")
+BATCH_ENDPOINT = "/v1/chat/completions"
+BATCH_EXPIRED = "This request could not be executed before the completion window expired."
 UNKNOWN_PROBLEM = "I do not recognise this problem."
 MALFORMED = "Sure! Let me think about this problem step by step."
 FALLBACK_QUESTION = "What is the answer to the question?"
@@ -108,6 +134,11 @@ class FaultPlan:
     first: list[str] = field(default_factory=list)
     retry_after_s: float | None = 1.0
     slow_s: float = 5.0
+    # The Batch API: retrieves a batch stays `in_progress` for, the fate of successive batches
+    # (BATCH_FAULTS, in creation order, then "ok"), and the share an "expire" batch answers.
+    batch_polls: int = 1
+    batch_faults: list[str] = field(default_factory=list)
+    expire_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         named = [self.default, *self.rates, *self.first]
@@ -119,6 +150,11 @@ class FaultPlan:
             raise ValueError(f"rates must be >= 0 and sum to at most 1, got {self.rates}")
         if self.slow_s < 0 or (self.retry_after_s is not None and self.retry_after_s < 0):
             raise ValueError("slow_s and retry_after_s must be >= 0")
+        bad = sorted({f for f in self.batch_faults if f not in BATCH_FAULTS})
+        if bad:
+            raise ValueError(f"unknown batch fault(s) {bad}; they are {', '.join(BATCH_FAULTS)}")
+        if self.batch_polls < 0 or not 0 <= self.expire_fraction <= 1:
+            raise ValueError("batch_polls must be >= 0 and expire_fraction within [0, 1]")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -128,6 +164,9 @@ class FaultPlan:
             "first": list(self.first),
             "retry_after_s": self.retry_after_s,
             "slow_s": self.slow_s,
+            "batch_polls": self.batch_polls,
+            "batch_faults": list(self.batch_faults),
+            "expire_fraction": self.expire_fraction,
         }
 
     @classmethod
@@ -146,6 +185,9 @@ class FaultPlan:
             first=[str(f) for f in data.get("first") or []],
             retry_after_s=None if retry is None else float(retry),
             slow_s=float(data.get("slow_s", 5.0)),
+            batch_polls=int(data.get("batch_polls", 1)),
+            batch_faults=[str(f) for f in data.get("batch_faults") or []],
+            expire_fraction=float(data.get("expire_fraction", 0.5)),
         )
 
 
@@ -252,6 +294,29 @@ class _BadRequest(ValueError):
     """A request the teacher refuses with 400; the message goes into the error body."""
 
 
+@dataclass
+class _Answer:
+    """What the teacher answers one chat request: a status and body, or a dropped socket."""
+
+    status: int
+    body: Any
+    headers: dict[str, str] = field(default_factory=dict)
+    drop: bool = False
+
+
+@dataclass
+class _Batch:
+    """A batch's state on the server: its object, its parsed lines, and what they got."""
+
+    obj: dict[str, Any]
+    requests: list[tuple[str, Any]]  # (custom_id, request body)
+    fault: str
+    polls: int = 0
+    answered: int = 0
+    output: list[bytes] = field(default_factory=list)
+    errors: list[bytes] = field(default_factory=list)
+
+
 # --- the server ------------------------------------------------------------------------------
 
 
@@ -297,13 +362,33 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         self.server.teacher._post(self)
 
+    def do_DELETE(self) -> None:  # noqa: N802
+        self.server.teacher._delete(self)
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         if os.environ.get("TEACHER_SERVER_LOG") == "1":
             super().log_message(format, *args)
 
     def read_body(self) -> bytes:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            parts = []
+            while True:  # RFC 9112 chunked coding: hex size line, data, CRLF; 0 ends it
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return b"".join(parts)
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length > 0 else b""
+
+    def send_bytes(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def send_json(
         self, status: int, payload: Any, headers: Mapping[str, str] | None = None
@@ -353,6 +438,11 @@ class TeacherServer:
         self._stopped = False
         self._httpd = _HTTPServer((host, port), _Handler)
         self._httpd.teacher = self
+        # The Batch API's state (the provider's, so `reset()` keeps it): files and batches.
+        self._batch_lock = threading.Lock()
+        self._files: dict[str, tuple[dict[str, Any], bytes | None]] = {}
+        self._batches: dict[str, _Batch] = {}
+        self._batch_order: list[str] = []
         self.set_plan(FaultPlan())
         self.reset_stats()
 
@@ -409,6 +499,7 @@ class TeacherServer:
         with self._lock:
             self._plan = plan
             self._queues = {k: list(v) for k, v in plan.per_problem.items()}
+            self._batch_faults = list(plan.batch_faults)
             self._arrivals = 0
             self._rng = random.Random(self.seed)
 
@@ -420,6 +511,9 @@ class TeacherServer:
             self._by_problem: Counter[str] = Counter()
             self._by_status: Counter[int] = Counter()
             self._auth: set[str] = set()
+            self._batch_requests = 0
+            self._files_uploaded = 0
+            self._batches_new = 0
 
     def reset(self) -> None:
         """A fresh server: default plan ("ok" for everything) and zeroed stats."""
@@ -427,7 +521,11 @@ class TeacherServer:
         self.reset_stats()
 
     def stats(self) -> dict[str, Any]:
-        """Counters since the last reset. `by_status` has no entry for "close" (nothing sent)."""
+        """Counters since the last reset. `by_status` has no entry for "close" (nothing sent).
+
+        Batch lines count like chat requests (`requests`, `by_problem`, `by_fault`, `by_status`
+        with each line's status); `batch_requests` is how many of them came in batches.
+        """
         with self._lock:
             return {
                 "requests": self._requests,
@@ -436,6 +534,9 @@ class TeacherServer:
                 "by_status": dict(self._by_status),
                 "unknown_problems": self._unknown,
                 "auth_headers_seen": set(self._auth),
+                "batch_requests": self._batch_requests,
+                "files_uploaded": self._files_uploaded,
+                "batches_created": self._batches_new,
             }
 
     def _choose(self, problem: Problem | None) -> tuple[str, FaultPlan]:
@@ -485,7 +586,8 @@ class TeacherServer:
         return False
 
     def _get(self, h: _Handler) -> None:
-        path = urlsplit(h.path).path.rstrip("/")
+        url = urlsplit(h.path)
+        path = url.path.rstrip("/")
         if path == "/_control/stats":
             stats = self.stats()
             stats["auth_headers_seen"] = sorted(stats["auth_headers_seen"])
@@ -495,6 +597,9 @@ class TeacherServer:
             if self._authorised(h):
                 model = {"id": self.model, "object": "model", "created": 0, "owned_by": "tests"}
                 h.send_json(200, {"object": "list", "data": [model]})
+        elif path.startswith(("/v1/files", "/v1/batches")):
+            if self._authorised(h):
+                self._batch_api(h, "GET", path, parse_qs(url.query), b"")
         else:
             h.send_json(404, _error_body(404, f"No route GET {path}"))
 
@@ -503,6 +608,9 @@ class TeacherServer:
         body = h.read_body()
         if path == "/v1/chat/completions":
             self._chat(h, body)
+        elif path.startswith(("/v1/files", "/v1/batches")):
+            if self._authorised(h):
+                self._batch_api(h, "POST", path, {}, body)
         elif path == "/_control/plan":
             try:
                 plan = FaultPlan.from_dict(json.loads(body))
@@ -516,6 +624,14 @@ class TeacherServer:
             h.send_json(200, {"ok": True})
         else:
             h.send_json(404, _error_body(404, f"No route POST {path}"))
+
+    def _delete(self, h: _Handler) -> None:
+        path = urlsplit(h.path).path.rstrip("/")
+        if path.startswith("/v1/files/"):
+            if self._authorised(h):
+                self._batch_api(h, "DELETE", path, {}, b"")
+        else:
+            h.send_json(404, _error_body(404, f"No route DELETE {path}"))
 
     def _chat(self, h: _Handler, raw: bytes) -> None:
         with self._lock:
@@ -532,21 +648,34 @@ class TeacherServer:
         except _BadRequest as e:
             self._reply(h, 400, _error_body(400, str(e)))
             return
+        answer = self._answer(number, request)
+        if answer.drop:
+            h.drop()
+            return
+        self._reply(h, answer.status, answer.body, answer.headers)
+
+    def _answer(self, number: int, request: Any, *, batch: bool = False) -> _Answer:
+        """The teacher's answer to one chat request (a parsed body), online or in a batch."""
+        if batch:
+            try:
+                request = _validate_request(request)
+            except _BadRequest as e:
+                return _Answer(400, _error_body(400, str(e)))
         messages = request["messages"]
         problem = self.problems.get(_problem_text(messages))
         fault, plan = self._choose(problem)
         if fault == "close":
-            h.drop()
-            return
+            if not batch:
+                return _Answer(0, None, drop=True)
+            fault = "500"  # a batch has no socket to drop: the line fails as a server error
         if fault in _STATUS_FAULTS:
             status = _STATUS_FAULTS[fault]
             headers = {}
             if status == 429 and plan.retry_after_s is not None:
                 headers["Retry-After"] = f"{plan.retry_after_s:g}"
             message = f"{_ERRORS[status][2]} (teacher_server: injected fault {fault!r})"
-            self._reply(h, status, _error_body(status, message), headers)
-            return
-        if fault == "slow":
+            return _Answer(status, _error_body(status, message), headers)
+        if fault == "slow" and not batch:
             time.sleep(plan.slow_s)
         socratic = any(
             m.get("role") in ("system", "developer") and SOCRATIC_MARKER in _text(m.get("content"))
@@ -562,7 +691,7 @@ class TeacherServer:
             content = teacher_content(
                 problem, socratic, wrong=fault == "wrong", wrong_step=fault == "wrong_step"
             )
-        self._reply(h, 200, self._completion(number, request, content))
+        return _Answer(200, self._completion(number, request, content))
 
     def _completion(self, n: int, request: Mapping[str, Any], content: str) -> dict[str, Any]:
         prompt = sum(_words(m.get("content")) for m in request["messages"])
@@ -586,12 +715,296 @@ class TeacherServer:
             },
         }
 
+    # --- the Batch API: files and batches ---
+
+    def files(self) -> dict[str, dict[str, Any]]:
+        """File objects by id (an output file a "lose_output" batch lost is listed, empty)."""
+        with self._batch_lock:
+            return {k: dict(obj) for k, (obj, _) in self._files.items()}
+
+    def batches(self) -> list[dict[str, Any]]:
+        """Batch objects, oldest first."""
+        with self._batch_lock:
+            return [json.loads(json.dumps(self._batches[b].obj)) for b in self._batch_order]
+
+    def _batch_api(
+        self, h: _Handler, method: str, path: str, query: Mapping[str, list[str]], body: bytes
+    ) -> None:
+        parts = path.split("/")[2:]  # ["files", id?, "content"?] or ["batches", id?, "cancel"?]
+        if auth := h.headers.get("Authorization"):
+            with self._lock:
+                self._auth.add(auth)
+        try:
+            with self._batch_lock:
+                status, payload = self._batch_route(h, method, parts, query, body)
+        except _BadRequest as e:
+            status, payload = 400, _error_body(400, str(e))
+        if isinstance(payload, bytes):
+            h.send_bytes(status, payload, "application/octet-stream")
+        else:
+            h.send_json(status, payload)
+
+    def _batch_route(
+        self,
+        h: _Handler,
+        method: str,
+        parts: list[str],
+        query: Mapping[str, list[str]],
+        body: bytes,
+    ) -> tuple[int, Any]:
+        kind, rest = parts[0], parts[1:]
+        if kind == "files":
+            if method == "POST" and not rest:
+                return 200, self._upload(h.headers.get("Content-Type") or "", body)
+            file = self._files.get(rest[0]) if rest else None
+            if file is None or (len(rest) > 1 and rest[1:] != ["content"]):
+                return 404, _error_body(404, f"No such File object: {'/'.join(rest)}")
+            obj, content = file
+            if method == "DELETE" and len(rest) == 1:
+                del self._files[rest[0]]
+                return 200, {"id": rest[0], "object": "file", "deleted": True}
+            if method == "GET" and len(rest) == 2:
+                if content is None:  # what a "lose_output" batch left: listed, not there
+                    return 404, _error_body(404, f"No such File object: {rest[0]}")
+                return 200, content
+            if method == "GET":
+                return 200, obj
+        elif kind == "batches":
+            if method == "POST" and not rest:
+                return 200, self._create_batch(json.loads(body or b"{}"))
+            if method == "GET" and not rest:
+                return 200, self._list_batches(query)
+            batch = self._batches.get(rest[0]) if rest else None
+            if batch is None:
+                return 404, _error_body(404, f"No batch found with id '{rest[0] if rest else ''}'")
+            if method == "GET" and len(rest) == 1:
+                self._advance(batch)
+                return 200, batch.obj
+            if method == "POST" and rest[1:] == ["cancel"]:
+                if batch.obj["status"] in ("validating", "in_progress", "finalizing"):
+                    batch.obj.update(status="cancelling", cancelling_at=int(time.time()))
+                return 200, batch.obj
+        return 404, _error_body(404, f"No route {method} /v1/{'/'.join(parts)}")
+
+    def _new_file(self, filename: str, purpose: str, content: bytes | None) -> str:
+        file_id = f"file-{uuid.uuid4().hex[:24]}"
+        obj = {
+            "id": file_id,
+            "object": "file",
+            "bytes": len(content or b""),
+            "created_at": int(time.time()),
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+        }
+        self._files[file_id] = (obj, content)
+        return file_id
+
+    def _upload(self, content_type: str, body: bytes) -> dict[str, Any]:
+        fields = _multipart(content_type, body)
+        purpose = fields.get("purpose", (None, b""))[1].decode()
+        if purpose != "batch":
+            raise _BadRequest(f"purpose must be 'batch' here, got {purpose!r}")
+        if "file" not in fields:
+            raise _BadRequest("a multipart field 'file' is required")
+        filename, content = fields["file"]
+        with self._lock:
+            self._files_uploaded += 1
+        return self._files[self._new_file(filename or "upload.jsonl", purpose, content)][0]
+
+    def _create_batch(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        file = self._files.get(str(request.get("input_file_id")))
+        if file is None or file[1] is None:
+            raise _BadRequest(f"input_file_id {request.get('input_file_id')!r} is not a file")
+        endpoint = request.get("endpoint")
+        if endpoint != BATCH_ENDPOINT:
+            raise _BadRequest(f"endpoint must be {BATCH_ENDPOINT}, got {endpoint!r}")
+        if request.get("completion_window") != "24h":
+            raise _BadRequest("completion_window must be '24h'")
+        now = int(time.time())
+        batch_id = f"batch_{uuid.uuid4().hex[:24]}"
+        with self._lock:
+            fault = self._batch_faults.pop(0) if self._batch_faults else "ok"
+            self._batches_new += 1
+        requests, errors = _batch_lines(file[1])
+        obj: dict[str, Any] = {
+            "id": batch_id,
+            "object": "batch",
+            "endpoint": endpoint,
+            "errors": None,
+            "input_file_id": request["input_file_id"],
+            "completion_window": "24h",
+            "status": "validating",
+            "output_file_id": None,
+            "error_file_id": None,
+            "created_at": now,
+            "in_progress_at": None,
+            "expires_at": now + 24 * 3600,
+            "finalizing_at": None,
+            "completed_at": None,
+            "failed_at": None,
+            "expired_at": None,
+            "cancelling_at": None,
+            "cancelled_at": None,
+            "request_counts": {"total": len(requests), "completed": 0, "failed": 0},
+            "metadata": request.get("metadata"),
+        }
+        if errors or fault == "fail":
+            data = errors or [
+                {
+                    "code": "token_limit_exceeded",
+                    "message": "Enqueued token limit reached (teacher_server: injected fault).",
+                    "param": None,
+                    "line": None,
+                }
+            ]
+            obj.update(status="failed", failed_at=now, errors={"object": "list", "data": data})
+        self._batches[batch_id] = _Batch(obj, requests, fault)
+        self._batch_order.append(batch_id)
+        return obj
+
+    def _list_batches(self, query: Mapping[str, list[str]]) -> dict[str, Any]:
+        limit = max(1, min(100, int((query.get("limit") or ["20"])[0])))
+        ids = self._batch_order[::-1]  # newest first, as OpenAI lists them
+        after = (query.get("after") or [None])[0]
+        if after in ids:
+            ids = ids[ids.index(after) + 1 :]
+        page = ids[:limit]
+        return {
+            "object": "list",
+            "data": [self._batches[b].obj for b in page],
+            "first_id": page[0] if page else None,
+            "last_id": page[-1] if page else None,
+            "has_more": len(ids) > limit,
+        }
+
+    def _advance(self, b: _Batch) -> None:
+        """One poll of a batch: answer its next share of lines, or end it."""
+        obj = b.obj
+        if obj["status"] in ("completed", "failed", "expired", "cancelled"):
+            return
+        now = int(time.time())
+        if obj["status"] == "cancelling":
+            self._finish(b, "cancelled")
+            return
+        if obj["status"] == "validating":
+            obj.update(status="in_progress", in_progress_at=now)
+        b.polls += 1
+        total = len(b.requests)
+        polls = self._plan.batch_polls
+        done = b.polls > polls
+        target = total if done else math.ceil(total * b.polls / (polls + 1))
+        if b.fault == "expire":
+            target = min(target, int(total * self._plan.expire_fraction))
+        while b.answered < target:
+            self._answer_line(b, *b.requests[b.answered])
+        counts = obj["request_counts"]
+        counts.update(completed=len(b.output), failed=len(b.errors))
+        if done:
+            self._finish(b, "expired" if b.fault == "expire" else "completed")
+
+    def _answer_line(self, b: _Batch, custom_id: str, body: Any) -> None:
+        with self._lock:
+            self._requests += 1
+            self._batch_requests += 1
+            number = self._requests
+        answer = self._answer(number, body, batch=True)
+        self._count_status(answer.status)
+        b.answered += 1
+        line = {
+            "id": f"batch_req_{number}",
+            "custom_id": custom_id,
+            "response": {
+                "status_code": answer.status,
+                "request_id": f"req_{number}",
+                "body": answer.body,
+            },
+            "error": None,
+        }
+        (b.output if answer.status == 200 else b.errors).append(json.dumps(line).encode())
+
+    def _finish(self, b: _Batch, status: str) -> None:
+        now = int(time.time())
+        obj = b.obj
+        if status == "expired":
+            for custom_id, _ in b.requests[b.answered :]:
+                error = {"code": "batch_expired", "message": BATCH_EXPIRED}
+                line = {"id": None, "custom_id": custom_id, "response": None, "error": error}
+                b.errors.append(json.dumps(line).encode())
+        if b.output:
+            lost = b.fault == "lose_output"
+            content = None if lost else b"\n".join(b.output) + b"\n"
+            obj["output_file_id"] = self._new_file(
+                f"{obj['id']}_output.jsonl", "batch_output", content
+            )
+        if b.errors:
+            obj["error_file_id"] = self._new_file(
+                f"{obj['id']}_error.jsonl", "batch_output", b"\n".join(b.errors) + b"\n"
+            )
+        failed = sum(1 for line in b.errors if b'"batch_expired"' not in line)
+        obj["request_counts"].update(completed=len(b.output), failed=failed)
+        obj.update(status=status, finalizing_at=now)
+        obj[f"{status}_at"] = now
+
+
+def _multipart(content_type: str, body: bytes) -> dict[str, tuple[str | None, bytes]]:
+    """The fields of a multipart/form-data body: name -> (filename, content)."""
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise _BadRequest(f"expected multipart/form-data, got {content_type!r}")
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    if not message.is_multipart():
+        raise _BadRequest("the multipart body does not parse")
+    fields = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if name:
+            fields[str(name)] = (part.get_filename(), part.get_payload(decode=True) or b"")
+    return fields
+
+
+def _batch_lines(content: bytes) -> tuple[list[tuple[str, Any]], list[dict[str, Any]]]:
+    """(custom_id, body) per line of a batch input file, and its validation errors, if any."""
+    requests: list[tuple[str, Any]] = []
+    errors: list[dict[str, Any]] = []
+    seen: set[str] = set()
+
+    def error(n: int, message: str) -> None:
+        errors.append({"code": "invalid_request", "message": message, "param": None, "line": n})
+
+    for n, line in enumerate(content.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError:
+            error(n, "line is not JSON")
+            continue
+        if not isinstance(item, dict) or not isinstance(item.get("custom_id"), str):
+            error(n, "each line needs a string custom_id")
+            continue
+        if item["custom_id"] in seen:
+            error(n, f"duplicate custom_id {item['custom_id']!r}")
+            continue
+        if item.get("method") != "POST" or item.get("url") != BATCH_ENDPOINT:
+            error(n, f"each line must POST to {BATCH_ENDPOINT}")
+            continue
+        seen.add(item["custom_id"])
+        requests.append((item["custom_id"], item.get("body")))
+    if not requests and not errors:
+        error(0, "the input file has no requests")
+    return requests, errors
+
 
 def _parse_request(raw: bytes) -> dict[str, Any]:
     try:
         request = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise _BadRequest(f"request body is not JSON: {e}") from e
+    return _validate_request(request)
+
+
+def _validate_request(request: Any) -> dict[str, Any]:
     if not isinstance(request, dict):
         raise _BadRequest("request body must be a JSON object")
     messages = request.get("messages")
