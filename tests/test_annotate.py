@@ -12,13 +12,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
-from pipelines.annotate import AnnotateConfig, SpendRefused, output_fs, parquet_files, run
+from pipelines.annotate import AnnotateConfig, SpendRefused, run
 from pipelines.teacher_client import FatalTeacherError
 from socratic.adapters import DatasetSpec, load_problems
-from socratic.records import ANNOTATION_SCHEMA
+from tests.support.annotations import read_annotation_rows, sample_config
 from tests.support.paths import REPO, require_shared
 from tests.support.teacher_server import FaultPlan, TeacherServer
 
@@ -39,32 +38,13 @@ def teacher():
 
 
 def _cfg(tmp_path: Path, server: TeacherServer, **kw) -> AnnotateConfig:
-    base = dict(
-        dataset="sample",
-        split="all",
-        output=str(tmp_path / "out"),
-        base_url=server.base_url,
-        model="test-teacher",
-        retry_base=0.01,
-        timeout=5.0,
-        max_in_flight=8,
-    )
-    return AnnotateConfig(**{**base, **kw})
-
-
-def _rows(output: str) -> list[dict]:
-    fs, root = output_fs(output)
-    files = parquet_files(fs, root)
-    assert files, f"no parquet under {output}"
-    for f in files:
-        assert pq.read_schema(f).equals(ANNOTATION_SCHEMA)
-    return [r for f in files for r in pq.read_table(f).to_pylist()]
+    return sample_config(tmp_path, server, **kw)
 
 
 def test_happy_path_writes_every_sample_accepted(ray_cluster, teacher, tmp_path) -> None:
     cfg = _cfg(tmp_path, teacher, samples=2, temperature=0.7, price_in=1.0, price_out=2.0)
     summary = run(cfg)
-    rows = _rows(cfg.output)
+    rows = read_annotation_rows(cfg.output)
     assert len(rows) == 80
     assert Counter((r["id"], r["sample"]) for r in rows) == {
         (p.id, s): 1 for p in SAMPLE for s in (0, 1)
@@ -119,7 +99,7 @@ def test_each_fault_ends_as_a_retry_or_a_rejected_row_with_its_reason(
     )
     cfg = _cfg(tmp_path, teacher, limit=12, max_retries=2, timeout=1.0, http_client=http_client)
     summary = run(cfg)
-    rows = {r["id"]: r for r in _rows(cfg.output)}
+    rows = {r["id"]: r for r in read_annotation_rows(cfg.output)}
     assert len(rows) == 12
     expect = {
         p[0]: ("accepted", None, 2),
@@ -154,7 +134,7 @@ def test_each_fault_ends_as_a_retry_or_a_rejected_row_with_its_reason(
     again = run(cfg)
     assert teacher.stats()["by_problem"] == {p[7]: 1, p[8]: 1}
     assert again["transient_rows_retried"] == 2
-    rows = _rows(cfg.output)
+    rows = read_annotation_rows(cfg.output)
     assert Counter(r["id"] for r in rows) == {x: 1 for x in p[:12]}
     assert {r["id"]: r["status"] for r in rows}[p[8]] == "accepted"
     assert again["rejected_by_reason"] == {
@@ -252,7 +232,7 @@ def test_gold_mode_on_the_real_gsm8k_socratic_file(ray_cluster, tmp_path) -> Non
         max_in_flight=256,
     )
     summary = run(cfg)
-    rows = _rows(cfg.output)
+    rows = read_annotation_rows(cfg.output)
     assert len(rows) == summary["rows"] == 1319
     assert all(r["teacher"] == "gold" and r["attempts"] == 0 and r["steps"] for r in rows)
     assert summary["accepted"] == 1307  # the gold steps whose last step carries the #### answer
@@ -321,7 +301,7 @@ def test_killed_run_loses_at_most_the_calls_in_flight(tmp_path) -> None:
         assert result.returncode == 0, result.stderr[-3000:]
         rerun_calls = server.stats()["by_problem"]
 
-    rows = _rows(str(out))
+    rows = read_annotation_rows(str(out))
     assert Counter(r["id"] for r in rows) == {p.id: 1 for p in SAMPLE}
     assert all(n == 1 for n in rerun_calls.values()), rerun_calls
     paid_twice = set(rerun_calls) & called_before
@@ -399,7 +379,7 @@ def test_spend_cap_stops_cleanly_and_the_rerun_finishes(ray_cluster, teacher, tm
     assert summary["stopped"] and "--max-cost-usd" in summary["stopped"]
     assert 0 < summary["rows"] < 40 and summary["missing_rows"] == 40 - summary["rows"]
     assert summary["cost_usd"] >= estimate
-    biggest = max(r["completion_tokens"] for r in _rows(cfg.output)) * 1000.0 / 1e6
+    biggest = max(r["completion_tokens"] for r in read_annotation_rows(cfg.output)) * 1000.0 / 1e6
     assert summary["cost_usd"] < estimate + 2 * biggest  # only the calls in flight overshoot
     assert teacher.stats()["requests"] == summary["rows"]
     teacher.reset_stats()
@@ -413,7 +393,7 @@ def test_step_checks_and_repeated_decompositions(ray_cluster, teacher, tmp_path)
     teacher.set_plan(FaultPlan(per_problem={pid: ["wrong_step"]}))
     cfg = _cfg(tmp_path, teacher, limit=4, samples=2)
     summary = run(cfg)
-    rows = _rows(cfg.output)
+    rows = read_annotation_rows(cfg.output)
     bad = [r for r in rows if r["step_check"] == "wrong"]
     assert len(bad) == 1 and bad[0]["id"] == pid
     assert (bad[0]["status"], bad[0]["reason"]) == ("rejected", "wrong_step")
@@ -427,7 +407,7 @@ def test_step_checks_and_repeated_decompositions(ray_cluster, teacher, tmp_path)
     teacher.set_plan(FaultPlan(per_problem={pid: ["wrong_step"]}))
     repair = _cfg(tmp_path, teacher, limit=1, step_check="repair", output=str(tmp_path / "r"))
     summary = run(repair)
-    (row,) = _rows(repair.output)
+    (row,) = read_annotation_rows(repair.output)
     assert (row["status"], row["step_check"], summary["step_check"]) == (
         "accepted",
         "repaired",

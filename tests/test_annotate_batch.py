@@ -20,7 +20,6 @@ from pathlib import Path
 
 import openai
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from pipelines.annotate import (
@@ -30,13 +29,12 @@ from pipelines.annotate import (
     format_summary,
     iter_work_items,
     output_fs,
-    parquet_files,
     run,
 )
 from pipelines.batch_api import BatchRunner, chunk_requests, request_line
 from pipelines.teacher_client import FatalTeacherError
 from socratic.adapters import DatasetSpec, load_problems
-from socratic.records import ANNOTATION_SCHEMA
+from tests.support.annotations import read_annotation_rows, sample_config
 from tests.support.paths import REPO
 from tests.support.teacher_server import FaultPlan, TeacherServer
 
@@ -55,28 +53,8 @@ def teacher():
 
 
 def _cfg(tmp_path: Path, server: TeacherServer, **kw) -> AnnotateConfig:
-    base = dict(
-        dataset="sample",
-        split="all",
-        output=str(tmp_path / "out"),
-        base_url=server.base_url,
-        model="test-teacher",
-        retry_base=0.01,
-        timeout=5.0,
-        limit=8,
-        batch_api=True,
-        batch_poll_s=0.05,
-    )
-    return AnnotateConfig(**{**base, **kw})
-
-
-def _rows(output: str) -> list[dict]:
-    fs, root = output_fs(output)
-    files = parquet_files(fs, root)
-    assert files, f"no parquet under {output}"
-    for f in files:
-        assert pq.read_schema(f).equals(ANNOTATION_SCHEMA)
-    return [r for f in files for r in pq.read_table(f).to_pylist()]
+    return sample_config(tmp_path, server, **{"limit": 8, "batch_api": True,
+                                               "batch_poll_s": 0.05, **kw})  # fmt: skip
 
 
 def _records(output: str) -> list[dict]:
@@ -117,7 +95,7 @@ def test_batch_rows_are_the_online_rows_at_half_the_estimated_price(teacher, tmp
     teacher.reset_stats()
     cfg = _cfg(tmp_path, teacher, **prices)
     summary = run(cfg)
-    rows = {r["cache_key"]: r for r in _rows(cfg.output)}
+    rows = {r["cache_key"]: r for r in read_annotation_rows(cfg.output)}
     assert rows.keys() == online.keys()
     for key, row in rows.items():
         assert {k: row[k] for k in COMPARED} == {k: online[key][k] for k in COMPARED}, row["id"]
@@ -178,7 +156,7 @@ def test_a_run_that_stops_waiting_leaves_its_batch_to_the_rerun_which_pays_nothi
     stats = teacher.stats()  # both runs
     assert stats["batches_created"] == 1 and stats["files_uploaded"] == 1
     assert stats["by_problem"] == {i: 1 for i in IDS[:8]}  # every request paid once
-    assert Counter(r["id"] for r in _rows(cfg.output)) == {i: 1 for i in IDS[:8]}
+    assert Counter(r["id"] for r in read_annotation_rows(cfg.output)) == {i: 1 for i in IDS[:8]}
 
 
 @pytest.mark.parametrize("created", [False, True], ids=["never-created", "created-unrecorded"])
@@ -238,7 +216,7 @@ def test_expired_batches_keep_their_answers_and_resubmit_the_rest_up_to_the_boun
     teacher.reset_stats()
     again = run(cfg)
     assert (again["rows"], again["missing_rows"], teacher.stats()["requests"]) == (8, 0, 1)
-    assert Counter(r["id"] for r in _rows(cfg.output)) == {i: 1 for i in IDS[:8]}
+    assert Counter(r["id"] for r in read_annotation_rows(cfg.output)) == {i: 1 for i in IDS[:8]}
 
 
 def test_error_lines_are_rejected_rows_and_a_rerun_retries_the_transient_ones(
@@ -248,7 +226,7 @@ def test_error_lines_are_rejected_rows_and_a_rerun_retries_the_transient_ones(
     teacher.set_plan(FaultPlan(per_problem=faults))
     cfg = _cfg(tmp_path, teacher)
     summary = run(cfg)
-    rows = {r["id"]: r for r in _rows(cfg.output)}
+    rows = {r["id"]: r for r in read_annotation_rows(cfg.output)}
     assert len(rows) == 8
     for pid, kind in [(IDS[0], "500"), (IDS[1], "400"), (IDS[2], "429"), (IDS[3], "500")]:
         assert rows[pid]["status"] == "rejected" and rows[pid]["attempts"] == 1
@@ -267,7 +245,7 @@ def test_error_lines_are_rejected_rows_and_a_rerun_retries_the_transient_ones(
     assert teacher.stats()["by_problem"] == {IDS[0]: 1, IDS[2]: 1, IDS[3]: 1}
     assert again["transient_rows_retried"] == 3
     assert again["rejected_by_reason"] == {"api_error: 400": 1}
-    assert Counter(r["id"] for r in _rows(cfg.output)) == {i: 1 for i in IDS[:8]}
+    assert Counter(r["id"] for r in read_annotation_rows(cfg.output)) == {i: 1 for i in IDS[:8]}
 
 
 @pytest.mark.parametrize("fault", ["lose_output", "fail"])
@@ -279,7 +257,7 @@ def test_a_lost_output_file_or_a_failed_batch_is_reported_and_resubmitted(
     summary = run(cfg)
     batches = summary["batches"]
     assert (summary["rows"], summary["missing_rows"]) == (8, 0)
-    assert Counter(r["id"] for r in _rows(cfg.output)) == {i: 1 for i in IDS[:8]}
+    assert Counter(r["id"] for r in read_annotation_rows(cfg.output)) == {i: 1 for i in IDS[:8]}
     assert batches["resubmitted_requests"] == 8 and batches["batches"] == 2
     paid = teacher.stats()["by_problem"]
     if fault == "lose_output":
@@ -385,7 +363,7 @@ def test_kill_9_while_a_batch_runs_then_the_rerun_collects_it(teacher, tmp_path)
     stats = teacher.stats()
     assert (stats["batches_created"], stats["files_uploaded"]) == (1, 1)
     assert stats["by_problem"] == {i: 1 for i in IDS[:8]}
-    assert Counter(r["id"] for r in _rows(str(out))) == {i: 1 for i in IDS[:8]}
+    assert Counter(r["id"] for r in read_annotation_rows(str(out))) == {i: 1 for i in IDS[:8]}
 
 
 def test_the_teacher_servers_batch_endpoints(teacher) -> None:
