@@ -156,6 +156,12 @@ def generation_budget(max_new_tokens: int, positions: int | None) -> int:
     return max(1, min(max_new_tokens, positions - positions // MIN_PROMPT_SHARE))
 
 
+def token_line_ends(text: str, offsets: Sequence[tuple[int, int]]) -> list[int]:
+    """Token indices right after each line break of `text`, from a fast tokenizer's offsets:
+    the `line_ends` that `bound_prompt` cuts at."""
+    return [k + 1 for k, (_, end) in enumerate(offsets) if text[end - 1 : end] == "\n"]
+
+
 def bound_prompt(ids: Sequence[int], line_ends: Sequence[int], room: int) -> tuple[list[int], bool]:
     """A prompt's token ids cut to at most `room`, and whether anything was cut.
 
@@ -168,8 +174,10 @@ def bound_prompt(ids: Sequence[int], line_ends: Sequence[int], room: int) -> tup
        together: keep the problem line and as many whole lines from the end as fit, dropping
        the oldest steps between them;
     3. otherwise (the problem line alone is too long, e.g. pasted garbage): keep the last `room`
-       tokens, which is training's rule (`trainers/data.py` `tokenize` cuts the start of the
-       prompt): the end of the problem, where its question is, and the last line survive.
+       tokens: the end of the problem, where its question is, and the last line survive.
+
+    Training cuts its prompts with this same rule (`trainers/data.py` `tokenize`), so a student
+    is served the context it was trained on.
     """
     ids = list(ids)
     if len(ids) <= room:
@@ -234,10 +242,7 @@ class Generator:
         for i, text in enumerate(texts):
             ids = enc["input_ids"][i]
             if len(ids) > room and tok.is_fast:
-                offsets = enc["offset_mapping"][i]
-                line_ends = [
-                    k + 1 for k, (_, end) in enumerate(offsets) if text[end - 1 : end] == "\n"
-                ]
+                line_ends = token_line_ends(text, enc["offset_mapping"][i])
             else:
                 line_ends = []
             kept, was_cut = bound_prompt(ids, line_ends, room)

@@ -95,6 +95,27 @@ def test_packed_trains_on_exactly_the_per_example_pairs(tokenizer, max_length: i
         assert per.truncated > 0 and per.dropped > 0
 
 
+def test_a_cut_prompt_keeps_its_problem_line_in_both_forms(tokenizer) -> None:
+    """Training cuts over-long prompts as the Generator serves them (`bound_prompt`): the
+    problem line and the sub-question being answered stay, the oldest steps go."""
+    p = max(SAMPLE, key=lambda p: len(p.steps))
+    seq = solver_sequence(p.question, p.steps)
+    last = seq.examples()[-1]
+    head = tokenizer.encode(last.prompt.split("\n", 1)[0] + "\n")
+    tail = tokenizer.encode(last.prompt.rstrip("\n").rsplit("\n", 1)[-1] + "\n")
+    target = tokenizer.encode(last.target)
+    max_length = len(head) + len(tail) + len(target) + 1 + 2  # room for 2 more prompt tokens
+    assert len(tokenizer.encode(last.prompt)) > max_length - len(target) - 1  # it must be cut
+    for data in (tokenize([last], tokenizer, max_length), tokenize([seq], tokenizer, max_length)):
+        ids, labels = next(
+            (i, lab) for i, lab in zip(data.input_ids, data.labels, strict=True)
+            if lab[-len(target) - 1 : -1] == target
+        )  # fmt: skip
+        prompt = ids[: len(ids) - len(target) - 1]
+        assert prompt[: len(head)] == head and prompt[-len(tail) :] == tail
+        assert data.truncated >= 1
+
+
 def _token_losses(model, data, pad_id: int) -> list[tuple[int, float]]:
     """(label, loss) of every labelled token, in order (answer 1 of problem 1 first)."""
     out = []

@@ -51,6 +51,7 @@ from socratic.formats import (
     parse_cot,
     solver_sequence,
 )
+from socratic.generate import bound_prompt, token_line_ends
 from socratic.records import ACCEPTED, ANNOTATION_SCHEMA, check_annotation_schema, steps_from
 
 IGNORE_INDEX = -100  # the label torch's cross-entropy (and every HF causal LM) skips
@@ -222,7 +223,7 @@ class TokenizedSet:
     input_ids: list[list[int]]
     labels: list[list[int]]
     examples: int  # (prompt, target) pairs given, a packed sequence's answers each counted
-    truncated: int  # kept, with tokens cut from the start of the prompt
+    truncated: int  # kept, with prompt tokens cut (`socratic.generate.bound_prompt`)
     dropped: int  # target too long to fit even with the shortest allowed prompt
     tokens: int  # all tokens kept, prompt + target + EOS
     target_tokens: int  # tokens carrying loss
@@ -250,9 +251,11 @@ def tokenize(
 
     Prompt and target are encoded apart (no special tokens), which equals encoding them joined
     because every prompt ends in a newline (see `socratic.formats`); apart, the boundary is known
-    exactly. A sequence that is too long loses tokens from the *start* of its prompt: the end
-    holds the question or sub-question being answered and the target must stay whole, since a
-    cut target teaches the student to stop mid-answer without EOS. If fewer than
+    exactly. A sequence that is too long loses prompt tokens by the rule the Generator serves
+    with (`socratic.generate.bound_prompt`): the problem line and the last lines (the
+    sub-question being answered) stay, the oldest steps between them go; only a problem line
+    that alone is too long loses its start. The target must stay whole, since a cut target
+    teaches the student to stop mid-answer without EOS. If fewer than
     `min_prompt_tokens` of prompt would remain (at least 1, so the first target token is
     predicted from something), the example is dropped and counted.
 
@@ -281,22 +284,37 @@ def tokenize(
             _add_packed(out, pieces[0::2], pieces[1::2], eos, max_length, min_prompt_tokens)
         else:
             out.examples += 1
-            _add_example(out, next(ids), [*next(ids), eos], max_length, min_prompt_tokens)
+            p, t = next(ids), next(ids)
+            _add_example(out, p, [*t, eos], max_length, min_prompt_tokens)
     return out
 
 
+class Piece(list):
+    """Token ids of one encoded text, with `line_ends`: the indices right after each "\n"
+    (`socratic.generate.token_line_ends`), where `bound_prompt` may cut a prompt."""
+
+    def __init__(self, ids: Iterable[int] = (), line_ends: Sequence[int] = ()) -> None:
+        super().__init__(ids)
+        self.line_ends = list(line_ends)
+
+    def __add__(self, other: list[int]) -> Piece:  # type: ignore[override]
+        ends = getattr(other, "line_ends", ())
+        return Piece([*self, *other], [*self.line_ends, *(len(self) + e for e in ends)])
+
+
 def _add_example(
-    out: TokenizedSet, p: list[int], t: list[int], max_length: int, min_prompt_tokens: int
+    out: TokenizedSet, p: Piece, t: list[int], max_length: int, min_prompt_tokens: int
 ) -> None:
-    """One prompt + target (EOS included), its prompt start cut to fit or the pair dropped."""
+    """One prompt + target (EOS included), its prompt cut to fit (`bound_prompt`) or the pair
+    dropped."""
     room = max_length - len(t)
     if len(p) > room:
         if room < min_prompt_tokens:
             out.dropped += 1
             return
-        p = p[len(p) - room :]
+        p, _ = bound_prompt(p, p.line_ends, room)
         out.truncated += 1
-    _append(out, p + t, [IGNORE_INDEX] * len(p) + t)
+    _append(out, [*p, *t], [IGNORE_INDEX] * len(p) + t)
 
 
 def _append(out: TokenizedSet, ids: list[int], labels: list[int]) -> None:
@@ -322,9 +340,9 @@ def _add_packed(
     too-long problem is thus cut into several sequences, each answer still with exactly its own
     context, rather than losing its last steps (which would teach the solver only early steps
     of long problems). An answer whose own example does not fit is handled as in the
-    per-example form (prompt start cut, or dropped), so both forms train on the same pairs.
+    per-example form (prompt cut, or dropped), so both forms train on the same pairs.
     """
-    prefixes, acc = [], []  # prefixes[k]: the k-th per-example prompt's ids
+    prefixes, acc = [], Piece()  # prefixes[k]: the k-th per-example prompt's ids
     for c, t in zip(contexts, targets, strict=True):
         acc = acc + c
         prefixes.append(acc)
@@ -348,10 +366,18 @@ def _add_packed(
     out.split += len(out.input_ids) - before > 1
 
 
-def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+def _encode(tokenizer: Any, texts: list[str]) -> list[Piece]:
+    """Each text's ids and line ends (none from a slow tokenizer, which has no offsets: its
+    over-long prompts then lose their start, `bound_prompt`'s last resort)."""
     if not texts:
         return []
-    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    fast = getattr(tokenizer, "is_fast", False)
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=fast)
+    offsets = enc["offset_mapping"] if fast else [()] * len(texts)
+    return [
+        Piece(ids, token_line_ends(text, offs) if fast else ())
+        for text, ids, offs in zip(texts, enc["input_ids"], offsets, strict=True)
+    ]
 
 
 # --- batching ------------------------------------------------------------------------------------
