@@ -495,8 +495,11 @@ def start_ray(cfg: QualityConfig) -> bool:
 
     if ray.is_initialized():
         return False
+    # The dashboard stays on: Ray Train's PlacementGroupCleaner asks the State API (served by
+    # the dashboard) whether the controller lives, and without it may take a live run's
+    # placement group away (seen here: a run killed mid-training, "worker health check failed").
     ray.init(address="local", num_cpus=cfg.num_cpus, log_to_driver=False,
-             configure_logging=False, include_dashboard=False)  # fmt: skip
+             configure_logging=False)  # fmt: skip
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

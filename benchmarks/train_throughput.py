@@ -721,7 +721,8 @@ def main(argv: list[str] | None = None) -> int:
         num_cpus=max(args.ray_cpus, args.plain_threads),
         configure_logging=False,
         log_to_driver=args.verbose,
-        include_dashboard=False,
+        # The dashboard stays on: without the State API it serves, Ray Train's
+        # PlacementGroupCleaner may take a live run's placement group (distill_quality.py).
     )
     try:
         m["task_threads"] = ray_task_threads()

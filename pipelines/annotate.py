@@ -151,6 +151,13 @@ class AnnotateConfig:
         "would pass it (a batch cannot be stopped part-way)",
     )
     dry_run: bool = option(False, help="print the spend estimate and exit, calling nothing")
+    estimate_wave: int = option(
+        0,
+        help="send the first N calls as a wave, then estimate the rest's completion tokens from "
+        "their real mean instead of the --max-tokens bound; --max-cost-usd then refuses the "
+        "wave's bound up front and stops after the wave if the revised estimate is above it "
+        "(online calls only; 0: the bound)",
+    )
     step_check: str = option(
         "reject",
         help="re-evaluate every <<expr=value>> of the teacher's steps: reject a row with a wrong "
@@ -216,6 +223,8 @@ class AnnotateConfig:
             raise ValueError("--batch-poll-s must be > 0 and --batch-discount within (0, 1]")
         if self.batch_max_active is not None and self.batch_max_active < 1:
             raise ValueError("--batch-max-active must be at least 1")
+        if self.estimate_wave < 0:
+            raise ValueError("--estimate-wave must be 0 (off) or a number of calls")
 
     @property
     def prices(self) -> Prices:
@@ -400,6 +409,18 @@ def todo_items(
             yield item, messages
 
 
+def first_wave(chunks: Iterable[list[dict[str, Any]]], n: int) -> Iterator[list[dict[str, Any]]]:
+    """The first `n` rows as a chunk of their own (`--estimate-wave`), then the rest as before."""
+    it = iter(chunks)
+    first = next(it, None)
+    if first is None:
+        return
+    yield first[:n]
+    if first[n:]:
+        yield first[n:]
+    yield from it
+
+
 def todo_chunks(
     items: Iterable[tuple[dict[str, Any], Any]],
     done: set[str],
@@ -480,6 +501,60 @@ def estimate_spend(cfg: AnnotateConfig, done: set[str]) -> dict[str, Any]:
         "cost_usd": None if cost is None else round(cost, 6),
         "pricing": f"Batch API price, x{cfg.batch_discount:g}" if cfg.batch_api else None,
     }
+
+
+def wave_size(cfg: AnnotateConfig, estimate: dict[str, Any]) -> int:
+    """Calls of the first wave (`--estimate-wave`): 0 when there is none, i.e. in gold or Batch
+    API mode (a batch's answers come hours later, all at once) or when the wave would be all."""
+    if cfg.mode != "teacher" or cfg.batch_api or cfg.estimate_wave <= 0:
+        return 0
+    return cfg.estimate_wave if estimate["calls"] > cfg.estimate_wave else 0
+
+
+def revise_estimate(
+    cfg: AnnotateConfig, estimate: dict[str, Any], wave: pa.Table
+) -> dict[str, Any]:
+    """The estimate after a first wave: its rows' real usage and cost, and the rest's completion
+    tokens at the wave's mean per answered call. The rest's prompt tokens are the estimate's
+    count pro rata (`estimate_spend` counted them for all calls, the wave's among them)."""
+    answered = wave.filter(pc.greater(wave["completion_tokens"], 0))
+    calls = wave.num_rows
+    rest = max(estimate["calls"] - calls, 0)
+    mean = _sum(answered["completion_tokens"]) / answered.num_rows if answered.num_rows else None
+    prompt_rest = round(estimate["prompt_tokens"] * rest / max(estimate["calls"], 1))
+    completion_rest = rest * cfg.max_tokens if mean is None else round(rest * mean)
+    out = {
+        "wave_calls": calls,
+        "wave_answered": answered.num_rows,
+        "wave_prompt_tokens": _sum(wave["prompt_tokens"]),
+        "wave_completion_tokens": _sum(wave["completion_tokens"]),
+        "mean_completion_tokens": None if mean is None else round(mean, 1),
+        "rest_calls": rest,
+        "rest_prompt_tokens": prompt_rest,
+        "rest_completion_tokens": completion_rest,
+        "cost_usd": None,
+    }
+    if cfg.priced:
+        wave_cost = cfg.prices.cost(out["wave_prompt_tokens"], out["wave_completion_tokens"])
+        rest_cost = cfg.prices.cost(prompt_rest, completion_rest)
+        out["wave_cost_usd"] = round(wave_cost * cfg.price_factor, 6)
+        out["cost_usd"] = round((wave_cost + rest_cost) * cfg.price_factor, 6)
+    return out
+
+
+def format_revised(r: dict[str, Any]) -> str:
+    cost = "" if r["cost_usd"] is None else f": ${r['cost_usd']:.4f} in all"
+    mean = r["mean_completion_tokens"]
+    per = (
+        "no call answered, so still the --max-tokens bound"
+        if mean is None
+        else f"mean {mean:g} completion tokens per answered call"
+    )
+    return (
+        f"estimate after a first wave of {r['wave_calls']} calls ({per}): "
+        f"{r['rest_calls']} calls left, {r['rest_prompt_tokens']} prompt + "
+        f"{r['rest_completion_tokens']} completion tokens{cost}"
+    )
 
 
 def format_estimate(e: dict[str, Any]) -> str:
@@ -737,12 +812,16 @@ def _run_online(
     root: str,
     chunks: Iterator[list[dict[str, Any]]],
     new_keys: KeyLog,
+    estimate: dict[str, Any] | None = None,
 ) -> str | None:
-    """Online calls, one Ray Data run per chunk; returns why it stopped early, if it did."""
+    """Online calls, one Ray Data run per chunk; returns why it stopped early, if it did.
+
+    With `estimate`, the first chunk is a first wave (`first_wave`): its real usage revises the
+    estimate (`estimate["revised"]`), and a revision above `--max-cost-usd` stops the run."""
     import ray
 
     spent, stopped = 0.0, None
-    for chunk in chunks:
+    for i, chunk in enumerate(chunks):
         log.info("annotating %d problem-samples (%d so far)", len(chunk), new_keys.count)
         if not ray.is_initialized():
             from socratic.ray_address import resolve_address
@@ -753,10 +832,26 @@ def _run_online(
         _run_chunk(cfg, chunk, budget)
         if cfg.mode == "teacher":
             clear_journal(fs, root)  # every journaled row of the chunk is in Parquet now
+        written = set(parquet_files(fs, root)) - before
         if cfg.max_cost_usd is not None:
-            spent += _cost_of(fs, set(parquet_files(fs, root)) - before, cfg.prices)
+            spent += _cost_of(fs, written, cfg.prices)
             if spent >= cfg.max_cost_usd:
                 stopped = f"--max-cost-usd {cfg.max_cost_usd:g} reached (spent ${spent:.4f})"
+                break
+        if i == 0 and estimate is not None:
+            columns = ["prompt_tokens", "completion_tokens"]
+            wave = pa.concat_tables(
+                [pq.read_table(f, filesystem=fs, columns=columns) for f in sorted(written)]
+            ) if written else pa.table({c: pa.array([], pa.int64()) for c in columns})  # fmt: skip
+            revised = estimate["revised"] = revise_estimate(cfg, estimate, wave)
+            print(format_revised(revised), flush=True)
+            cost = revised["cost_usd"]
+            if cfg.max_cost_usd is not None and cost is not None and cost > cfg.max_cost_usd:
+                stopped = (
+                    f"the estimate after the first wave, ${cost:.4f}, is above --max-cost-usd "
+                    f"{cfg.max_cost_usd:g}: {wave.num_rows} calls made; a rerun into the same "
+                    "output with a higher cap goes on from there"
+                )
                 break
     for _ in chunks:  # after a stop: the rest still counts as this run's expected rows
         pass
@@ -784,15 +879,21 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
 
         runner = BatchRunner(cfg, fs, root)
         pending = runner.pending_keys()  # in batches an earlier run left: collected, not paid
-    estimate = None
+    estimate, wave = None, 0
     if cfg.mode == "teacher":
         estimate = estimate_spend(cfg, state.done | pending if pending else state.done)
         print(format_estimate(estimate), flush=True)
+        wave = wave_size(cfg, estimate)
         cost = estimate["cost_usd"]
+        if wave and cost is not None:
+            cost = cost * wave / estimate["calls"]  # the wave's bound: all the cap must allow now
+            print(f"a first wave of {wave} calls (at most ${cost:.4f}) refines it", flush=True)
         if cfg.max_cost_usd is not None and cost is not None and cost > cfg.max_cost_usd:
+            what = f"the first wave's bound ${cost:.4f}" if wave else f"the estimate ${cost:.4f}"
+            hint = "" if wave or cfg.batch_api else ", or --estimate-wave N to measure replies"
             raise SpendRefused(
-                f"the estimate ${cost:.4f} is above --max-cost-usd {cfg.max_cost_usd:g}; nothing "
-                "was called. Raise the cap, lower --max-tokens or --samples, or --limit the run."
+                f"{what} is above --max-cost-usd {cfg.max_cost_usd:g}; nothing was called. Raise "
+                f"the cap, lower --max-tokens or --samples, or --limit the run{hint}."
             )
     if cfg.dry_run:
         return {"dry_run": True, "estimate": estimate, "already_done": len(state.done)}
@@ -813,7 +914,11 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
         chunks = todo_chunks(
             iter_work_items(cfg, load_problems(spec)), state.done, cfg.chunk_rows, keys, new_keys
         )
-        stopped, batches = _run_online(cfg, fs, root, chunks, new_keys), None
+        if wave:
+            chunks = first_wave(chunks, wave)
+        online_estimate = estimate if wave else None
+        stopped = _run_online(cfg, fs, root, chunks, new_keys, online_estimate)
+        batches = None
 
     summary = summarize(
         cfg, fs, root, keys, new_keys, state, time.perf_counter() - t0, estimate, stopped
@@ -893,6 +998,7 @@ def summarize(
         "cost_usd": cost,
         "estimate": estimate,
         "estimated_cost_usd": None if estimate is None else estimate["cost_usd"],
+        "revised_cost_usd": (estimate or {}).get("revised", {}).get("cost_usd"),
         "stopped": stopped,
         "wall_s": round(wall_s, 2),
         "rows_per_s": round(new.num_rows / wall_s, 2) if wall_s > 0 else None,
@@ -916,6 +1022,11 @@ def format_summary(s: dict[str, Any]) -> str:
         + (
             f" (estimated ${s['estimated_cost_usd']:.4f})"
             if s.get("estimated_cost_usd") is not None
+            else ""
+        )
+        + (
+            f" (after the first wave ${s['revised_cost_usd']:.4f})"
+            if s.get("revised_cost_usd") is not None
             else ""
         ),
         f"  step checks: {checks}; {s['repeated_decompositions']} repeated decompositions "

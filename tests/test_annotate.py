@@ -388,6 +388,41 @@ def test_spend_cap_stops_cleanly_and_the_rerun_finishes(ray_cluster, teacher, tm
     assert teacher.stats()["requests"] == 40 - summary["rows"]
 
 
+def test_a_first_wave_estimates_from_real_replies_and_its_revision_decides(
+    ray_cluster, teacher, tmp_path, capsys
+) -> None:
+    # --max-tokens 512 bounds the replies at 10x what the teacher writes: the bound alone is
+    # refused by a cap the real spend fits in, and a first wave measures that.
+    price = dict(price_in=0.0, price_out=1000.0, max_tokens=512)
+    bound = run(_cfg(tmp_path, teacher, dry_run=True, **price))["estimate"]["cost_usd"]
+    with pytest.raises(SpendRefused, match="--estimate-wave"):
+        run(_cfg(tmp_path, teacher, max_cost_usd=bound / 2, **price))
+    assert teacher.stats()["requests"] == 0
+    summary = run(_cfg(tmp_path, teacher, max_cost_usd=bound / 2, estimate_wave=8, **price))
+    revised = summary["estimate"]["revised"]
+    assert (summary["rows"], summary["stopped"], teacher.stats()["requests"]) == (40, None, 40)
+    assert (revised["wave_calls"], revised["wave_answered"], revised["rest_calls"]) == (8, 8, 32)
+    assert revised["mean_completion_tokens"] < 512 / 4
+    assert summary["revised_cost_usd"] == revised["cost_usd"]
+    assert revised["cost_usd"] == pytest.approx(summary["cost_usd"], rel=0.35)
+    assert "estimate after a first wave of 8 calls" in capsys.readouterr().out
+
+    # A cap the wave fits in but the revised estimate does not: the run stops after the wave,
+    # resumable, and the rerun pays only for the rest.
+    teacher.reset_stats()
+    mean = revised["mean_completion_tokens"]
+    price["max_tokens"] = int(2 * mean) + 1  # wave bound: 4 x 2 means; the whole: ~40 means
+    out = dict(output=str(tmp_path / "capped"), **price)
+    cap = 20 * mean * 1000.0 / 1e6
+    stopped = run(_cfg(tmp_path, teacher, max_cost_usd=cap, estimate_wave=4, **out))
+    assert "after the first wave" in stopped["stopped"]
+    assert (stopped["rows"], stopped["missing_rows"], teacher.stats()["requests"]) == (4, 36, 4)
+    assert stopped["revised_cost_usd"] > cap
+    teacher.reset_stats()
+    again = run(_cfg(tmp_path, teacher, **out))
+    assert (again["rows"], again["missing_rows"], teacher.stats()["requests"]) == (40, 0, 36)
+
+
 def test_step_checks_and_repeated_decompositions(ray_cluster, teacher, tmp_path) -> None:
     pid = SAMPLE[0].id
     teacher.set_plan(FaultPlan(per_problem={pid: ["wrong_step"]}))
