@@ -290,6 +290,7 @@ def context_length(model: Any) -> int | None:
 def group_key(job: Job, index: int) -> tuple[Any, ...]:
     """Jobs with equal keys share one `generate` call.
 
+    `max_tokens` is not in the key: each row of a call stops at its own limit.
     Greedy decoding ignores top_p and seed, so they are dropped from the key and more greedy
     requests share a call. A seeded sampled request gets a call of its own: otherwise which
     other requests happened to share its batch would change its samples, and a seed promises
@@ -297,9 +298,9 @@ def group_key(job: Job, index: int) -> tuple[Any, ...]:
     """
     s = job.sampling
     if s.temperature == 0:
-        return (s.max_tokens, 0.0, 1.0, s.stop, None)
+        return (0.0, 1.0, s.stop, None)
     alone = index if s.seed is not None else -1
-    return (s.max_tokens, s.temperature, s.top_p, s.stop, s.seed, alone)
+    return (s.temperature, s.top_p, s.stop, s.seed, alone)
 
 
 def batch_rows(jobs: list[Job]) -> int:
@@ -375,8 +376,9 @@ class Teacher:
         for members in groups.values():
             s = jobs[members[0]].sampling
             prompts = [jobs[i].prompt for i in members for _ in range(jobs[i].n)]
+            limits = [jobs[i].sampling.max_tokens for i in members for _ in range(jobs[i].n)]
             done = self.gen.complete(
-                prompts, max_new_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
+                prompts, max_new_tokens=limits, temperature=s.temperature, top_p=s.top_p,
                 stop=s.stop, seed=s.seed,
             )  # fmt: skip
             self.generate_calls += 1

@@ -254,7 +254,7 @@ class Generator:
         self,
         prompts: Sequence[str],
         *,
-        max_new_tokens: int | None = None,
+        max_new_tokens: int | Sequence[int] | None = None,
         temperature: float = 0.0,
         top_p: float = 1.0,
         stop: Sequence[str] = (),
@@ -263,12 +263,22 @@ class Generator:
     ) -> list[Completion]:
         """Complete every prompt in one left-padded batch. `temperature` 0 is greedy; `stop`
         strings cut the text where they first appear (and count as finish reason `stop`);
-        `calculator` forces the result of every `<<expr=` span (`CalculatorForcing`)."""
+        `calculator` forces the result of every `<<expr=` span (`CalculatorForcing`).
+
+        `max_new_tokens` may be one limit per prompt: the batch then runs once, each row stops
+        at its own limit, so requests that differ only in their limit still share a call (one
+        `generate` per limit cost the local teacher a call per request under mixed limits)."""
         import torch
-        from transformers import LogitsProcessorList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         if not prompts:
             return []
+        per_row = None
+        if max_new_tokens is not None and not isinstance(max_new_tokens, int):
+            per_row = [int(k) for k in max_new_tokens]
+            if len(per_row) != len(prompts) or min(per_row) < 1:
+                raise ValueError("max_new_tokens: one limit >= 1 per prompt")
+            max_new_tokens = max(per_row)
         asked = max_new_tokens or self.max_new_tokens
         limit = generation_budget(asked, self.positions)
         if limit < asked:
@@ -285,8 +295,13 @@ class Generator:
             sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
             if seed is not None:
                 torch.manual_seed(seed)
+        criteria = StoppingCriteriaList()
         if stop:  # stop generating once every row has hit one (the text is cut below)
-            sampling["stopping_criteria"] = _stop_on_text(tok, stop, prompt_len)
+            criteria.extend(_stop_on_text(tok, stop, prompt_len))
+        if per_row is not None and min(per_row) < limit:
+            criteria.append(_stop_at_lengths(per_row, prompt_len, self.device))
+        if criteria:
+            sampling["stopping_criteria"] = criteria
         eos = _eos_ids(tok, self.model)
         forcing = None
         if calculator:
@@ -301,6 +316,8 @@ class Generator:
         # while others went on is filled with pad after it (not counted).
         completions = []
         for b, row in enumerate(new.tolist()):
+            if per_row is not None:
+                row = row[: per_row[b]]
             n, finished = len(row), False
             for i, t in enumerate(row):
                 if t in eos or t == tok.pad_token_id:
@@ -470,6 +487,21 @@ def _stop_on_text(tokenizer: Any, stop: Sequence[str], prompt_len: int) -> Any:
             return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
     return StoppingCriteriaList([StopOnText()])
+
+
+def _stop_at_lengths(limits: Sequence[int], prompt_len: int, device: Any) -> Any:
+    """A stopping criterion that ends each row at its own number of new tokens; transformers
+    marks a stopped row finished and pads it while the others go on."""
+    import torch
+    from transformers import StoppingCriteria
+
+    bound = torch.tensor(list(limits), device=device)
+
+    class StopAtLengths(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            return (input_ids.shape[1] - prompt_len) >= bound
+
+    return StopAtLengths()
 
 
 def _eos_ids(tokenizer: Any, model: Any) -> set[int]:

@@ -40,6 +40,20 @@ def test_completions_count_tokens_and_say_why_they_stopped(gen: Generator) -> No
     assert gen.complete([]) == []
 
 
+def test_each_row_stops_at_its_own_limit(gen: Generator) -> None:
+    """Per-row limits share one batch and give each row what a call with its limit gives."""
+    prompts = [decomposer_prompt(p) for p in PROBLEMS]
+    limits = [2, 9, 5]
+    alone = [gen.complete([p], max_new_tokens=k)[0] for p, k in zip(prompts, limits, strict=True)]
+    before = gen.tokens_generated
+    together = gen.complete(prompts, max_new_tokens=limits)
+    assert together == alone
+    assert [c.completion_tokens for c in together] == limits  # random weights: no EOS
+    assert gen.tokens_generated == before + sum(limits)
+    with pytest.raises(ValueError, match="one limit"):
+        gen.complete(prompts, max_new_tokens=[3, 3])
+
+
 def test_stop_strings_cut_the_text(gen: Generator) -> None:
     full = gen.complete([decomposer_prompt(PROBLEMS[2])])[0]
     assert len(full.text) > 4, full

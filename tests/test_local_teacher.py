@@ -284,8 +284,9 @@ def test_concurrent_requests_are_batched_and_keep_their_own_limits(client) -> No
     assert max(stats["batch_sizes"]) > 1, stats
     for k, r in zip(limits, replies, strict=True):
         assert r.usage.completion_tokens == k and r.choices[0].finish_reason == "length"
-    # One generate per distinct max_tokens within a batch, never one per request.
-    assert stats["generate_calls"] < len(limits), stats
+    # One generate per batch: greedy requests that differ only in max_tokens share it, each row
+    # stopping at its own limit (CI once saw two batches of four distinct limits, 8 calls).
+    assert stats["generate_calls"] == stats["batches"] < len(limits), stats
 
 
 def test_models_and_health(client, teacher: str) -> None:
