@@ -80,11 +80,13 @@ from socratic.adapters import DATASETS, DatasetSpec, load_problems
 from socratic.config import option, parse_config
 from socratic.formats import unified_target
 from socratic.records import (
+    ADDED_COLUMNS,
     ANNOTATION_SCHEMA,
     REJECTED,
     Problem,
     annotation_row,
     annotation_table,
+    conform_annotations,
     problem_from_row,
 )
 
@@ -290,6 +292,11 @@ def prepare_output(fs: pafs.FileSystem, root: str) -> ResumeState:
     for path in parquet_files(fs, root):
         try:
             table = pq.read_table(path, filesystem=fs)
+            if any(c not in table.column_names for c in ADDED_COLUMNS):
+                table = conform_annotations(table, path)  # written before them: migrate
+                _write_atomically(fs, table, path)
+                log.info("%s: added the columns %s (null) of newer annotation rows", path,
+                         ", ".join(ADDED_COLUMNS))  # fmt: skip
         except (OSError, pa.ArrowInvalid) as e:
             log.warning("removing %s: unreadable, left by an interrupted run (%s)", path, e)
             fs.delete_file(path)

@@ -187,15 +187,23 @@ def annotation_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(list(rows), schema=ANNOTATION_SCHEMA)
 
 
+# Nullable columns the row gained after its first release: Parquet written before them reads as
+# null there (`conform_annotations`), so an old output can be resumed and trained on.
+ADDED_COLUMNS = ("step_check", "decomposition")
+
+
 def check_annotation_schema(schema: pa.Schema, source: str) -> None:
     """Raise a clear error when a Parquet file is not an annotation table.
 
     Readers call this before training on a file so a wrong path or an old schema fails with the
-    file and the missing or mistyped columns named, not deep inside tokenisation.
+    file and the missing or mistyped columns named, not deep inside tokenisation. A column of
+    `ADDED_COLUMNS` may be missing: it is older Parquet, not another table.
     """
     problems = []
     for expected in ANNOTATION_SCHEMA:
         idx = schema.get_field_index(expected.name)
+        if idx < 0 and expected.name in ADDED_COLUMNS:
+            continue
         if idx < 0:
             problems.append(f"missing column {expected.name!r}")
         elif not schema.field(idx).type.equals(expected.type):
@@ -205,6 +213,18 @@ def check_annotation_schema(schema: pa.Schema, source: str) -> None:
             )
     if problems:
         raise ValueError(f"{source}: not an annotation table: " + "; ".join(problems))
+
+
+def conform_annotations(table: pa.Table, source: str) -> pa.Table:
+    """`table` in `ANNOTATION_SCHEMA`'s columns and order, with `ADDED_COLUMNS` it lacks as nulls
+    (the migration of Parquet written before them); any other difference raises as
+    `check_annotation_schema` does."""
+    check_annotation_schema(table.schema, source)
+    columns = [
+        table.column(f.name) if f.name in table.column_names else pa.nulls(len(table), f.type)
+        for f in ANNOTATION_SCHEMA
+    ]
+    return pa.Table.from_arrays(columns, schema=ANNOTATION_SCHEMA)
 
 
 def problem_from_row(row: Mapping[str, Any]) -> Problem:

@@ -297,7 +297,8 @@ def test_killed_run_loses_at_most_the_calls_in_flight(tmp_path) -> None:
         assert 5 <= len(called_before) < 40, len(called_before)
 
         server.reset_stats()
-        result = subprocess.run(args, cwd=REPO, env=ENV, capture_output=True, text=True)
+        rerun = [*args[:-4], "--max-in-flight", "16", *args[-2:]]  # only the kill needs 2
+        result = subprocess.run(rerun, cwd=REPO, env=ENV, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-3000:]
         rerun_calls = server.stats()["by_problem"]
 
@@ -449,3 +450,27 @@ def test_step_checks_and_repeated_decompositions(ray_cluster, teacher, tmp_path)
         {"repaired": 1},
     )
     assert [s["answer"] for s in row["steps"]] == [s.answer for s in SAMPLE[0].steps]
+
+
+def test_an_output_written_before_the_newer_columns_resumes_and_trains(ray_cluster, tmp_path):
+    """Parquet from before `step_check` / `decomposition` is migrated on resume (nulls there),
+    the rerun adds only the problems it lacks, and the trainer's reader takes both kinds."""
+    import pyarrow.parquet as pq
+
+    from socratic.records import ADDED_COLUMNS
+    from trainers.data import read_accepted
+
+    out = tmp_path / "gold"
+    cfg = AnnotateConfig(dataset="sample", split="all", mode="gold", output=str(out), limit=10)
+    run(cfg)
+    for f in out.rglob("*.parquet"):  # make it what an older release wrote
+        pq.write_table(pq.read_table(f).drop_columns(list(ADDED_COLUMNS)), f)
+    old = read_accepted(str(out))
+    assert len(old) == 10 and all(r["step_check"] is None for r in old)
+
+    summary = run(AnnotateConfig(dataset="sample", split="all", mode="gold", output=str(out)))
+    assert (summary["rows"], summary["missing_rows"], summary["duplicate_rows"]) == (40, 0, 0)
+    rows = read_annotation_rows(str(out))
+    assert Counter(r["id"] for r in rows) == {p.id: 1 for p in SAMPLE}
+    assert sum(r["decomposition"] is None for r in rows) == 10  # the old rows, kept as they were
+    assert len(read_accepted(str(out))) == summary["accepted"]

@@ -52,7 +52,13 @@ from socratic.formats import (
     solver_sequence,
 )
 from socratic.generate import bound_prompt, token_line_ends
-from socratic.records import ACCEPTED, ANNOTATION_SCHEMA, check_annotation_schema, steps_from
+from socratic.records import (
+    ACCEPTED,
+    ANNOTATION_SCHEMA,
+    check_annotation_schema,
+    conform_annotations,
+    steps_from,
+)
 
 IGNORE_INDEX = -100  # the label torch's cross-entropy (and every HF causal LM) skips
 MEGA_BATCH_FACTOR = 50  # batches per length-sorted window, as in HF's LengthGroupedSampler
@@ -124,7 +130,9 @@ def _read_file(fs: pafs.FileSystem, path: str, shown: str) -> pa.Table:
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
             check_annotation_schema(pf.schema_arrow, shown)
-            return pf.read(columns=ANNOTATION_SCHEMA.names)
+            have = set(pf.schema_arrow.names)
+            table = pf.read(columns=[n for n in ANNOTATION_SCHEMA.names if n in have])
+            return conform_annotations(table, shown)
     except (pa.ArrowInvalid, OSError) as e:
         raise ValueError(f"{shown}: not a readable Parquet file: {e}") from e
 
