@@ -56,19 +56,22 @@ def measure(n: int, work: Path, chunk_rows: int) -> dict[str, float]:
         f"--chunk-rows={chunk_rows}", "--max-in-flight=1000",
     ]  # fmt: skip
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    # The run's output goes to a file: a pipe nobody reads until the end fills (64 KiB of Ray
+    # Data progress lines at 1M problems) and blocks the run for ever.
+    log = work / f"annotate-{n}.log"
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, _hwm_kib(proc.pid) or 0)
-        time.sleep(0.1)
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, _hwm_kib(proc.pid) or 0)
+            time.sleep(0.1)
     wall = time.perf_counter() - t0
-    stdout, stderr = proc.communicate()
     summary = json.loads((out / "summary.json").read_text()) if proc.returncode == 0 else {}
     problems.unlink()
     shutil.rmtree(out, ignore_errors=True)
     if proc.returncode != 0:
-        print(stderr.decode()[-2000:], file=sys.stderr)
+        print(log.read_text(errors="replace")[-2000:], file=sys.stderr)
     return {
         "problems": n,
         "peak_rss_mib": round(peak / 1024, 1),
