@@ -335,13 +335,22 @@ def prepare_output(fs: pafs.FileSystem, root: str) -> ResumeState:
     return state
 
 
-def read_rows(fs: pafs.FileSystem, root: str, columns: Sequence[str]) -> pa.Table:
-    tables = [
-        pq.read_table(p, filesystem=fs, columns=list(columns)) for p in parquet_files(fs, root)
-    ]
-    if not tables:
-        return ANNOTATION_SCHEMA.empty_table().select(list(columns))
-    return pa.concat_tables(tables)
+SUMMARY_GROUP_ROWS = 200_000  # rows `summarize` holds at once (bounds the driver's memory)
+
+
+def _row_groups(fs: pafs.FileSystem, root: str, columns: Sequence[str]) -> Iterator[pa.Table]:
+    """`columns` of every Parquet file under `root`, about `SUMMARY_GROUP_ROWS` at a time."""
+    rows = SUMMARY_GROUP_ROWS
+    group: list[pa.Table] = []
+    n = 0
+    for path in parquet_files(fs, root):
+        group.append(pq.read_table(path, filesystem=fs, columns=list(columns)))
+        n += group[-1].num_rows
+        if n >= rows:
+            yield pa.concat_tables(group)
+            group, n = [], 0
+    if group:
+        yield pa.concat_tables(group)
 
 
 # --- work items --------------------------------------------------------------------------------
@@ -959,47 +968,66 @@ def summarize(
     estimate: dict[str, Any] | None = None,
     stopped: str | None = None,
 ) -> dict[str, Any]:
-    """Counts from what is in the Parquet now, for this run's (problem, sample) pairs."""
-    columns = ["id", "sample", "cache_key", "status", "reason", "prompt_tokens"]
-    columns += ["completion_tokens", "attempts", "step_check", "decomposition"]
-    table = read_rows(fs, root, columns)
-    rows = table.filter(pc.is_in(table["cache_key"], value_set=keys.array()))
-    new = rows.filter(pc.is_in(rows["cache_key"], value_set=new_keys.array()))
-    distinct = pc.count_distinct(rows["cache_key"]).as_py() if rows.num_rows else 0
-    rejected = rows.filter(pc.equal(rows["status"], REJECTED))
-    prompt_tokens, completion_tokens = _sum(new["prompt_tokens"]), _sum(new["completion_tokens"])
+    """Counts from what is in the Parquet now, for this run's (problem, sample) pairs.
+
+    The files are read a group at a time and only counts, keys and decomposition ids are kept:
+    reading every row's columns at once cost the driver ~700 bytes per row at the end of a run
+    (+210 MiB at 300k problems, measured from /proc RssAnon)."""
+    columns = ["id", "cache_key", "status", "reason", "prompt_tokens", "completion_tokens"]
+    columns += ["attempts", "step_check", "decomposition"]
+    expected, fresh = keys.array(), new_keys.array()
+    n_rows = n_new = accepted = prompt_tokens = completion_tokens = calls = first_calls = 0
+    reasons: Counter[str] = Counter()
+    step_checks: Counter[str] = Counter()
+    seen: list[pa.Array] = []
+    decompositions: list[pa.Table] = []
+    for table in _row_groups(fs, root, columns):
+        rows = table.filter(pc.is_in(table["cache_key"], value_set=expected))
+        new = rows.filter(pc.is_in(rows["cache_key"], value_set=fresh))
+        n_rows, n_new = n_rows + rows.num_rows, n_new + new.num_rows
+        accepted += _sum(pc.equal(rows["status"], "accepted").cast(pa.int64()))
+        rejected = rows.filter(pc.equal(rows["status"], REJECTED))
+        reasons.update(_reason_group(r) for r in rejected["reason"].to_pylist())
+        step_checks.update(x for x in rows["step_check"].to_pylist() if x is not None)
+        prompt_tokens += _sum(new["prompt_tokens"])
+        completion_tokens += _sum(new["completion_tokens"])
+        calls += _sum(new["attempts"])
+        first_calls += _sum(pc.greater(new["attempts"], 0).cast(pa.int64()))
+        seen.append(rows["cache_key"].combine_chunks())
+        decomposed = rows.filter(pc.is_valid(rows["decomposition"]))
+        decompositions.append(decomposed.select(["id", "decomposition"]))
+    keys_seen = pa.chunked_array(seen, pa.string())
+    distinct = pc.count_distinct(keys_seen).as_py() if n_rows else 0
+    decomposed = pa.concat_tables(decompositions) if decompositions else None
+    repeated = 0
+    if decomposed is not None and decomposed.num_rows:
+        groups = decomposed.group_by(["id", "decomposition"]).aggregate([])
+        repeated = decomposed.num_rows - groups.num_rows
     cost = None
     if cfg.priced:
         cost = round(cfg.prices.cost(prompt_tokens, completion_tokens) * cfg.price_factor, 6)
-    decomposed = rows.filter(pc.is_valid(rows["decomposition"]))
-    groups = decomposed.group_by(["id", "decomposition"]).aggregate([("sample", "count")])
-    step_checks = Counter(x for x in rows["step_check"].to_pylist() if x is not None)
-    attempts = new["attempts"]
     return {
         "dataset": cfg.dataset,
         "split": cfg.split,
         "mode": cfg.mode,
         "teacher": cfg.model if cfg.mode == "teacher" else GOLD_TEACHER,
         "output": cfg.output,
-        "rows": rows.num_rows,
+        "rows": n_rows,
         "expected_rows": keys.count,
         "missing_rows": keys.count - distinct,
-        "duplicate_rows": rows.num_rows - distinct,
-        "accepted": _sum(pc.equal(rows["status"], "accepted").cast(pa.int64())),
-        "rejected": rejected.num_rows,
-        "rejected_by_reason": dict(
-            Counter(_reason_group(r) for r in rejected["reason"].to_pylist()).most_common()
-        ),
+        "duplicate_rows": n_rows - distinct,
+        "accepted": accepted,
+        "rejected": sum(reasons.values()),
+        "rejected_by_reason": dict(reasons.most_common()),
         "step_check": dict(step_checks),
-        "repeated_decompositions": decomposed.num_rows - groups.num_rows,
-        "written_this_run": new.num_rows,
-        "resumed_rows": rows.num_rows - new.num_rows,
+        "repeated_decompositions": repeated,
+        "written_this_run": n_new,
+        "resumed_rows": n_rows - n_new,
         "journal_rows_recovered": state.journal_rows_recovered,
         "partial_files_removed": len(state.partial_files_removed),
         "transient_rows_retried": state.transient_rows_dropped,
-        "teacher_calls": _sum(attempts),
-        "retries": _sum(attempts)
-        - int(pc.sum(pc.greater(attempts, 0).cast(pa.int64())).as_py() or 0),
+        "teacher_calls": calls,
+        "retries": calls - first_calls,
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "cost_usd": cost,
@@ -1008,7 +1036,7 @@ def summarize(
         "revised_cost_usd": (estimate or {}).get("revised", {}).get("cost_usd"),
         "stopped": stopped,
         "wall_s": round(wall_s, 2),
-        "rows_per_s": round(new.num_rows / wall_s, 2) if wall_s > 0 else None,
+        "rows_per_s": round(n_new / wall_s, 2) if wall_s > 0 else None,
     }
 
 
