@@ -1,9 +1,10 @@
 """The demo path end to end, sized for CI: `python pipelines/demo.py` as a user runs it.
 
 Every stage is the real one - its own local Ray cluster, annotation over HTTP through the real
-`openai` client, Ray Train + DeepSpeed ZeRO-2 on 2 workers, export, Ray Serve answering HTTP,
-Ray Data evaluation - with the tiny student and the local OpenAI-protocol test server as the
-teacher (some of its answers made wrong, so rejected rows must show up and be kept).
+`openai` client, Ray Train + DeepSpeed ZeRO-2 (one worker per role here; tests/test_train.py
+runs two), export, Ray Serve answering HTTP, Ray Data evaluation - with the tiny student and
+the local OpenAI-protocol test server as the teacher (some of its answers made wrong, so
+rejected rows must show up and be kept).
 
 Stage 6 is also the learning test: tiny students from scratch on 2-operation `arith` problems
 must score far above the same students untrained. It is the one check that fails when the parts
@@ -55,7 +56,7 @@ def test_demo_runs_every_stage(tiny_model_dir: Path, tmp_path: Path) -> None:
             [sys.executable, "pipelines/demo.py", "--output", str(out),
              "--base-url", teacher.base_url, "--teacher-model", "test-teacher",
              "--student-base", str(tiny_model_dir), "--limit", "6", "--eval-limit", "3",
-             "--train-steps", "2", "--workers", "2", "--max-length", "256",
+             "--train-steps", "2", "--workers", "1", "--max-length", "256",
              "--max-new-tokens", "12", "--port", str(_free_port()), "--no-sequential-training",
              "--arith-config", "ops=2-2,operands=2-9,n_train=1000,n_test=40,n_long=0",
              "--arith-methods", "iterative", "--arith-budget-tokens", "1500000"],
