@@ -55,7 +55,6 @@ from socratic.generate import bound_prompt, token_line_ends
 from socratic.records import (
     ACCEPTED,
     ANNOTATION_SCHEMA,
-    check_annotation_schema,
     conform_annotations,
     steps_from,
 )
@@ -129,7 +128,6 @@ def _read_file(fs: pafs.FileSystem, path: str, shown: str) -> pa.Table:
     try:
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
-            check_annotation_schema(pf.schema_arrow, shown)
             have = set(pf.schema_arrow.names)
             table = pf.read(columns=[n for n in ANNOTATION_SCHEMA.names if n in have])
             return conform_annotations(table, shown)
