@@ -67,9 +67,10 @@ from pipelines.teacher_client import (
     CallResult,
     FatalTeacherError,
     RetryPolicy,
-    _classify,
-    _fatal_for,
-    _message,
+    body_message,
+    classify,
+    error_message,
+    fatal_for,
 )
 from socratic.records import ANNOTATION_SCHEMA, annotation_table, problem_from_row
 
@@ -126,8 +127,8 @@ def parse_line(
                 ),
                 None,
             )
-        message = _body_message(body, f"Error code: {code}")
-        fatal = _fatal_for(code, message)
+        message = body_message(body, f"Error code: {code}")
+        fatal = fatal_for(code, message)
         if fatal is not None:
             return custom_id, None, fatal
         kind = "malformed_response" if 200 <= code < 300 else str(code)
@@ -140,15 +141,6 @@ def parse_line(
         message = str(error.get("message") or code)[:200]
         return custom_id, CallResult(None, attempts=1, error=f"api_error: {code}: {message}"), None
     return custom_id, None, None
-
-
-def _body_message(body: Any, default: str) -> str:
-    """An error body's message, as the online client's `_message` reads it from an exception."""
-    if isinstance(body, Mapping):
-        err = body.get("error", body)
-        if isinstance(err, Mapping) and err.get("message"):
-            return str(err["message"])[:200]
-    return default
 
 
 # --- records and their files -------------------------------------------------------------------
@@ -545,7 +537,7 @@ class BatchRunner:
         if not isinstance(exc, openai.OpenAIError):
             raise exc
         try:
-            kind, retryable, retry_after = _classify(exc)
+            kind, retryable, retry_after = classify(exc)
         except FatalTeacherError as fatal:
             hint = ""
             if getattr(exc, "status_code", None) == 404:
@@ -554,10 +546,12 @@ class BatchRunner:
         if not retryable or attempt >= self.retry.max_retries:
             tries = f" after {attempt + 1} attempts" if retryable else ""
             raise FatalTeacherError(
-                f"Batch API, {what}: api_error: {kind}: {_message(exc)}{tries}"
+                f"Batch API, {what}: api_error: {kind}: {error_message(exc)}{tries}"
             ) from None
         delay = self.retry.delay(attempt, retry_after, self._rng)
-        log.warning("Batch API, %s: %s (%s); retrying in %.1f s", what, kind, _message(exc), delay)
+        log.warning(
+            "Batch API, %s: %s (%s); retrying in %.1f s", what, kind, error_message(exc), delay
+        )
         return delay
 
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:

@@ -161,7 +161,8 @@ def retry_after_seconds(
     return max(0.0, when - (time.time() if now is None else now))
 
 
-def _fatal_for(code: int, message: str) -> FatalTeacherError | None:
+def fatal_for(code: int, message: str) -> FatalTeacherError | None:
+    """The error that stops a run for an HTTP status no retry can fix (401, 403, 404)."""
     if code in (401, 403):
         return FatalTeacherError(
             f"the teacher endpoint refused the request ({code}): {message}. "
@@ -175,13 +176,13 @@ def _fatal_for(code: int, message: str) -> FatalTeacherError | None:
     return None
 
 
-def _classify(exc: BaseException) -> tuple[str, bool, float | None]:
+def classify(exc: BaseException) -> tuple[str, bool, float | None]:
     """(kind, retryable, retry_after) for an exception the openai client (or aiohttp) raised."""
     import openai
 
     if isinstance(exc, HTTPStatusFailure):
         code = exc.status_code
-        fatal = _fatal_for(code, _message(exc))
+        fatal = fatal_for(code, error_message(exc))
         if fatal is not None:
             raise fatal from None
         if 200 <= code < 300:
@@ -193,40 +194,41 @@ def _classify(exc: BaseException) -> tuple[str, bool, float | None]:
     if type(exc).__module__.startswith("aiohttp"):
         return "connection", True, None
 
-    if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
-        raise FatalTeacherError(
-            f"the teacher endpoint refused the request ({exc.status_code}): {_message(exc)}. "
-            "Check the API key variable (--api-key-env) and the model name."
-        ) from None
-    if isinstance(exc, openai.NotFoundError):
-        # A wrong model name or base URL fails every call alike. Rejecting each row instead
-        # would also make a rerun skip them all (404 is not transient) after the fix.
-        raise FatalTeacherError(
-            f"the teacher endpoint answered 404: {_message(exc)}. Check --model and --base-url "
-            "(an OpenAI-compatible base URL usually ends in /v1)."
-        ) from None
     if isinstance(exc, openai.APITimeoutError):
         return "timeout", True, None
     if isinstance(exc, openai.APIConnectionError):
         return "connection", True, None
     if isinstance(exc, openai.APIStatusError):
         code = exc.status_code
+        fatal = fatal_for(code, error_message(exc))
+        if fatal is not None:
+            # A wrong key, model name or base URL fails every call alike. Rejecting each row
+            # instead would also make a rerun skip them all (404 is not transient) after the fix.
+            raise fatal from None
         retry_after = retry_after_seconds(exc.response.headers if exc.response else None)
         return str(code), code in (408, 409, 429) or code >= 500, retry_after
     return type(exc).__name__, False, None
 
 
-def _message(exc: BaseException) -> str:
-    body = getattr(exc, "body", None)
-    if isinstance(body, dict):
+def body_message(body: Any, default: str) -> str:
+    """The message of an OpenAI error body (`{"error": {"message": ...}}`), else `default`.
+
+    Online replies and Batch API error lines carry the same body, so both read it here."""
+    if isinstance(body, Mapping):
         err = body.get("error", body)
-        if isinstance(err, dict) and err.get("message"):
+        if isinstance(err, Mapping) and err.get("message"):
             return str(err["message"])[:200]
-    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return default
+
+
+def error_message(exc: BaseException) -> str:
+    """A short message for a failed call: the error body's, else the exception's first line."""
+    default = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return body_message(getattr(exc, "body", None), default)
 
 
 class HTTPStatusFailure(Exception):
-    """A non-2xx reply on the aiohttp path, with what `_classify` needs from it."""
+    """A non-2xx reply on the aiohttp path, with what `classify` needs from it."""
 
     def __init__(self, status: int, headers: Mapping[str, str], body: Any) -> None:
         super().__init__(f"HTTP {status}")
@@ -378,12 +380,12 @@ class TeacherClient:
                     text, pt, ct = await self._create(list(messages))
                 except Exception as exc:  # noqa: BLE001 - each failure is classified below
                     try:
-                        kind, retryable, retry_after = _classify(exc)
+                        kind, retryable, retry_after = classify(exc)
                     except FatalTeacherError as fatal:
                         self.fatal = self.fatal or fatal
                         raise
                     self.limiter.settle(estimate, 0)
-                    error = f"api_error: {kind}: {_message(exc)}"
+                    error = f"api_error: {kind}: {error_message(exc)}"
                 else:
                     self.limiter.settle(estimate, pt + ct)
                     self.spent_usd += self.prices.cost(pt, ct)
