@@ -203,6 +203,11 @@ class AnnotateConfig:
         help="--batch-api: batches in progress at once at most (providers limit the tokens "
         "enqueued per model); default: no limit",
     )
+    batch_keep_files: bool = option(
+        False,
+        help="--batch-api: keep each collected batch's requests and result files under "
+        "<output>/_batches/ (default: delete them once its rows are in Parquet; records stay)",
+    )
     address: str | None = option(None, help="Ray address (default: RAY_ADDRESS or a local cluster)")
     seed: int = option(0, help="seed for retry jitter and seeded dataset splits")
 

@@ -19,6 +19,10 @@ Everything about one batch lives under `<output>/_batches/<name>.*`, on the outp
 * `<name>.output.jsonl`, `<name>.error.jsonl`: the provider's result files, downloaded whole
   before they are read, so paid answers are ours even if the provider's copy expires.
 
+Once a batch is collected (and what it left unanswered resubmitted), its data files are deleted
+and its record kept, unless `--batch-keep-files`: they are as large as the rows themselves, and
+a job of millions of requests would otherwise double the output.
+
 Paying once: a run reads the records first. The keys of every batch not yet collected are
 pending: never submitted again, their batches are polled and collected. A record killed between
 upload and create has no batch id: the run looks for a batch made from its input file
@@ -224,12 +228,28 @@ class BatchStore:
             if base.startswith(name + "."):
                 self.fs.delete_file(posixpath.join(self.dir, base))
 
-    def cleanup(self) -> list[str]:
+    def prune(self, name: str) -> list[str]:
+        """Delete a collected batch's data files (items, requests, the provider's result files),
+        keeping its record: its rows are in Parquet, and the files were as large as the rows."""
+        removed = []
+        for base in self._files():
+            if base.startswith(name + ".") and base != name + ".json":
+                self.fs.delete_file(posixpath.join(self.dir, base))
+                removed.append(base)
+        return removed
+
+    def cleanup(self, prune_collected: bool = True) -> list[str]:
         """Remove what a killed run left before any record named it (nothing was paid for it:
-        a batch is only ever made from a file whose upload a record names)."""
+        a batch is only ever made from a file whose upload a record names), and the data files of
+        collected batches that a kill left before `prune`."""
         files = self._files()
         named = {b.removesuffix(".json") for b in files if b.endswith(".json")}
         removed = []
+        if prune_collected:
+            for rec in self.records():
+                if rec.state == "collected":
+                    removed += self.prune(rec.name)
+            files = [b for b in files if b not in removed]
         for base in files:
             if base.split(".", 1)[0] not in named or base.endswith(".tmp"):
                 self.fs.delete_file(posixpath.join(self.dir, base))
@@ -240,7 +260,7 @@ class BatchStore:
                 self.fs.delete_file(info.path)
                 removed.append(base)
         if removed:
-            log.info("removed %d batch files an interrupted run left unnamed", len(removed))
+            log.info("removed %d batch files an interrupted run left behind", len(removed))
         return removed
 
 
@@ -454,7 +474,7 @@ class BatchRunner:
         """Collect the earlier run's batches and submit `items` as new ones, until every batch
         is collected (or --batch-max-wait-s passes, or --max-cost-usd stops new submissions)."""
         cfg, report = self.cfg, self.report
-        self.store.cleanup()
+        self.store.cleanup(prune_collected=not cfg.batch_keep_files)
         active: list[BatchRecord] = []
         for rec in self.store.records():
             if rec.state == "collected":
@@ -505,7 +525,11 @@ class BatchRunner:
                         active.remove(rec)
                         # A resubmission is not held to the cap: its requests went unanswered
                         # (unpaid) and are in the estimate of the batch they came from.
-                        again = self._collect(rec, batch)
+                        try:
+                            again = self._collect(rec, batch)
+                        finally:
+                            if rec.state == "collected" and not cfg.batch_keep_files:
+                                self.store.prune(rec.name)
                         if again is not None:
                             active.append(again)
                 if not active and not more:

@@ -61,6 +61,10 @@ def _records(output: str) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((Path(output) / "_batches").glob("*.json"))]
 
 
+def _batch_files(output: str) -> list[str]:
+    return sorted(p.name for p in (Path(output) / "_batches").iterdir())
+
+
 def _online_rows(cfg: AnnotateConfig) -> dict[str, dict]:
     """What the online path writes for the same items (its actor class, without Ray Data)."""
     items = [item for item, _ in iter_work_items(cfg, load_problems(DatasetSpec.from_config(cfg)))]
@@ -123,15 +127,34 @@ def test_batch_rows_are_the_online_rows_at_half_the_estimated_price(teacher, tmp
     assert record["state"] == "collected" and record["batch_id"] == batches["ids"][0]
     assert record["collected"]["rows"] == 8 and record["input_file_id"]
     assert "Batch API: 1 batches" in format_summary(summary)
-    # What was uploaded is exactly the online request, line by line.
-    fs, root = output_fs(cfg.output)
-    uploaded = (Path(cfg.output) / "_batches" / f"{record['name']}.jsonl").read_bytes()
+    # Collected: its record is all that is left in _batches/. What was uploaded (read back from
+    # the provider) is exactly the online request, line by line.
+    assert _batch_files(cfg.output) == [f"{record['name']}.json"]
+    client = openai.OpenAI(base_url=teacher.base_url, api_key="x", max_retries=0)
+    uploaded = client.files.content(record["input_file_id"]).read()
     assert uploaded.count(b"\n") == 8 and json.loads(uploaded.splitlines()[0])["body"]["model"]
 
     teacher.reset_stats()
     again = run(cfg)
     assert teacher.stats()["requests"] == 0 and teacher.stats()["files_uploaded"] == 0
     assert (again["rows"], again["resumed_rows"], again["batches"]["batches"]) == (8, 8, 0)
+
+
+def test_collected_batch_files_are_kept_on_request_and_pruned_by_the_next_run(
+    teacher, tmp_path
+) -> None:
+    cfg = _cfg(tmp_path, teacher, batch_keep_files=True)
+    run(cfg)
+    (record,) = _records(cfg.output)
+    name = record["name"]
+    suffixes = (".items.arrow", ".json", ".jsonl", ".output.jsonl")
+    assert _batch_files(cfg.output) == sorted(name + s for s in suffixes)
+    # As a run killed between "collected" and the prune leaves it: the next run prunes it, and
+    # pays for nothing.
+    teacher.reset_stats()
+    again = run(replace(cfg, batch_keep_files=False))
+    assert _batch_files(cfg.output) == [f"{name}.json"]
+    assert teacher.stats()["requests"] == 0 and again["rows"] == 8
 
 
 def test_a_run_that_stops_waiting_leaves_its_batch_to_the_rerun_which_pays_nothing_twice(
