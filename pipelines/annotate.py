@@ -40,7 +40,7 @@ import os
 import posixpath
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,12 +49,14 @@ from typing import Any
 if __package__ in (None, ""):  # `python pipelines/annotate.py`, as `ray job submit` runs it
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.journal import Journal, clear_journal, journal_files, output_fs, read_journal_file
+from pipelines.keys import KeySet, key_digests
 from pipelines.prompting import (
     NO_GOLD_STEPS,
     STEP_CHECKS,
@@ -271,7 +273,7 @@ def parquet_files(fs: pafs.FileSystem, root: str) -> list[str]:
 
 @dataclass
 class ResumeState:
-    done: set[str]
+    done: KeySet  # cache keys with a row in the output
     partial_files_removed: list[str]
     transient_rows_dropped: int
     journal_rows_recovered: int = 0
@@ -293,7 +295,7 @@ def prepare_output(fs: pafs.FileSystem, root: str) -> ResumeState:
     is compacted into Parquet: every answer it holds that no Parquet file has yet.
     """
     fs.create_dir(root, recursive=True)
-    state = ResumeState(set(), [], 0)
+    state = ResumeState(KeySet(), [], 0)
     for path in parquet_files(fs, root):
         try:
             table = pq.read_table(path, filesystem=fs)
@@ -316,7 +318,7 @@ def prepare_output(fs: pafs.FileSystem, root: str) -> ResumeState:
             state.transient_rows_dropped += keep.count(False)
             table = table.filter(pa.array(keep))
             _write_atomically(fs, table, path)
-        state.done.update(table.column("cache_key").to_pylist())
+        state.done.update(table.column("cache_key"))
     for path in journal_files(fs, root):
         rows: dict[str, dict[str, Any]] = {}
         for row in read_journal_file(fs, path):
@@ -340,7 +342,9 @@ def prepare_output(fs: pafs.FileSystem, root: str) -> ResumeState:
     return state
 
 
-SUMMARY_GROUP_ROWS = 200_000  # rows `summarize` holds at once (bounds the driver's memory)
+# Rows `summarize` holds at once. It bounds the driver's memory: at 300k rows the summary's
+# peak was +255 MiB over the run's with 200k-row groups, +110 with 20k (/proc VmHWM).
+SUMMARY_GROUP_ROWS = 20_000
 
 
 def _row_groups(fs: pafs.FileSystem, root: str, columns: Sequence[str]) -> Iterator[pa.Table]:
@@ -359,26 +363,6 @@ def _row_groups(fs: pafs.FileSystem, root: str, columns: Sequence[str]) -> Itera
 
 
 # --- work items --------------------------------------------------------------------------------
-
-
-class KeyLog:
-    """Cache keys in Arrow arrays (~36 bytes each) instead of a Python set (~100 bytes each)."""
-
-    def __init__(self) -> None:
-        self._chunks: list[pa.Array] = []
-        self._buffer: list[str] = []
-        self.count = 0
-
-    def add(self, key: str) -> None:
-        self._buffer.append(key)
-        self.count += 1
-        if len(self._buffer) >= 8192:
-            self._chunks.append(pa.array(self._buffer, pa.string()))
-            self._buffer = []
-
-    def array(self) -> pa.Array:
-        chunks = [*self._chunks, pa.array(self._buffer, pa.string())]
-        return pa.chunked_array(chunks, pa.string()).combine_chunks()
 
 
 def iter_work_items(
@@ -412,20 +396,19 @@ def iter_work_items(
 
 def todo_items(
     items: Iterable[tuple[dict[str, Any], list[dict[str, str]]]],
-    done: set[str],
-    pending: set[str],
-    keys: KeyLog,
-    new_keys: KeyLog,
+    done: KeySet,
+    pending: KeySet,
+    keys: KeySet,
 ) -> Iterator[tuple[dict[str, Any], list[dict[str, str]]]]:
     """`--batch-api`: (row, messages) not yet answered nor in a batch still to collect, lazily.
 
-    A pending key (in an earlier run's batch) is expected from this run, which collects it.
+    Every item's key goes to `keys` (this run's expected rows). A pending key (in an earlier
+    run's batch) is expected from this run, which collects it.
     """
     for item, messages in items:
         keys.add(item["cache_key"])
         if item["cache_key"] in done:
             continue
-        new_keys.add(item["cache_key"])
         if item["cache_key"] not in pending:
             yield item, messages
 
@@ -444,12 +427,13 @@ def first_wave(chunks: Iterable[list[dict[str, Any]]], n: int) -> Iterator[list[
 
 def todo_chunks(
     items: Iterable[tuple[dict[str, Any], Any]],
-    done: set[str],
+    done: KeySet,
     chunk_rows: int,
-    keys: KeyLog,
-    new_keys: KeyLog,
+    keys: KeySet,
 ) -> Iterator[list[dict[str, Any]]]:
-    """Rows not yet answered, in chunks of about `chunk_rows` that never split a problem."""
+    """Rows not yet answered, in chunks of about `chunk_rows` that never split a problem.
+
+    Every item's key goes to `keys` (this run's expected rows)."""
     chunk: list[dict[str, Any]] = []
     for item, _ in items:
         keys.add(item["cache_key"])
@@ -458,7 +442,6 @@ def todo_chunks(
         if len(chunk) >= chunk_rows and item["sample"] == 0:
             yield chunk
             chunk = []
-        new_keys.add(item["cache_key"])
         chunk.append(item)
     if chunk:
         yield chunk
@@ -496,7 +479,7 @@ def token_counter(model: str) -> tuple[Callable[[Sequence[Mapping[str, str]]], i
     )
 
 
-def estimate_spend(cfg: AnnotateConfig, done: set[str]) -> dict[str, Any]:
+def estimate_spend(cfg: AnnotateConfig, done: KeySet) -> dict[str, Any]:
     """Calls, tokens and USD this run would spend, from one lazy pass over the problems."""
     count, tokenizer = token_counter(cfg.model)
     calls = prompt_tokens = 0
@@ -832,7 +815,6 @@ def _run_online(
     fs: pafs.FileSystem,
     root: str,
     chunks: Iterator[list[dict[str, Any]]],
-    new_keys: KeyLog,
     estimate: dict[str, Any] | None = None,
 ) -> str | None:
     """Online calls, one Ray Data run per chunk; returns why it stopped early, if it did.
@@ -841,9 +823,10 @@ def _run_online(
     estimate (`estimate["revised"]`), and a revision above `--max-cost-usd` stops the run."""
     import ray
 
-    spent, stopped = 0.0, None
+    spent, stopped, sent = 0.0, None, 0
     for i, chunk in enumerate(chunks):
-        log.info("annotating %d problem-samples (%d so far)", len(chunk), new_keys.count)
+        log.info("annotating %d problem-samples (%d so far)", len(chunk), sent)
+        sent += len(chunk)
         if not ray.is_initialized():
             from socratic.ray_address import resolve_address
 
@@ -851,6 +834,7 @@ def _run_online(
         budget = None if cfg.max_cost_usd is None else cfg.max_cost_usd - spent
         before = set(parquet_files(fs, root))
         _run_chunk(cfg, chunk, budget)
+        del chunk  # before the next is built: two chunks alive at once fragment the heap
         if cfg.mode == "teacher":
             clear_journal(fs, root)  # every journaled row of the chunk is in Parquet now
         written = set(parquet_files(fs, root)) - before
@@ -874,8 +858,7 @@ def _run_online(
                     "output with a higher cap goes on from there"
                 )
                 break
-    for _ in chunks:  # after a stop: the rest still counts as this run's expected rows
-        pass
+    deque(chunks, maxlen=0)  # after a stop: the rest still counts as this run's expected rows
     del chunks
     return stopped
 
@@ -894,7 +877,7 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
         )
         log.warning(warnings[-1])
     state = prepare_output(fs, root)
-    runner, pending = None, set()
+    runner, pending = None, KeySet()
     if cfg.batch_api:
         from pipelines.batch_api import BatchRunner  # imports this module: not at the top
 
@@ -902,7 +885,7 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
         pending = runner.pending_keys()  # in batches an earlier run left: collected, not paid
     estimate, wave = None, 0
     if cfg.mode == "teacher":
-        estimate = estimate_spend(cfg, state.done | pending if pending else state.done)
+        estimate = estimate_spend(cfg, state.done.union(pending) if pending.count else state.done)
         print(format_estimate(estimate), flush=True)
         wave = wave_size(cfg, estimate)
         cost = estimate["cost_usd"]
@@ -919,31 +902,26 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
     if cfg.dry_run:
         return {"dry_run": True, "estimate": estimate, "already_done": len(state.done)}
 
-    keys, new_keys = KeyLog(), KeyLog()
+    keys = KeySet()  # this run's expected rows
     spec = DatasetSpec.from_config(cfg)
     if runner is not None:
-        items = todo_items(
-            iter_work_items(cfg, load_problems(spec)), state.done, pending, keys, new_keys
-        )
+        items = todo_items(iter_work_items(cfg, load_problems(spec)), state.done, pending, keys)
         report = runner.run(items)
-        for _ in items:  # after a stop: the rest still counts as this run's expected rows
-            pass
+        deque(items, maxlen=0)  # after a stop: the rest still counts as this run's expected rows
         del items
         stopped, batches = report.stopped, report.summary()
         warnings += report.warnings
     else:
         chunks = todo_chunks(
-            iter_work_items(cfg, load_problems(spec)), state.done, cfg.chunk_rows, keys, new_keys
+            iter_work_items(cfg, load_problems(spec)), state.done, cfg.chunk_rows, keys
         )
         if wave:
             chunks = first_wave(chunks, wave)
         online_estimate = estimate if wave else None
-        stopped = _run_online(cfg, fs, root, chunks, new_keys, online_estimate)
+        stopped = _run_online(cfg, fs, root, chunks, online_estimate)
         batches = None
 
-    summary = summarize(
-        cfg, fs, root, keys, new_keys, state, time.perf_counter() - t0, estimate, stopped
-    )
+    summary = summarize(cfg, fs, root, keys, state, time.perf_counter() - t0, estimate, stopped)
     if batches is not None:
         summary["batches"] = batches
     summary["warnings"] = warnings
@@ -966,8 +944,7 @@ def summarize(
     cfg: AnnotateConfig,
     fs: pafs.FileSystem,
     root: str,
-    keys: KeyLog,
-    new_keys: KeyLog,
+    keys: KeySet,
     state: ResumeState,
     wall_s: float,
     estimate: dict[str, Any] | None = None,
@@ -975,20 +952,23 @@ def summarize(
 ) -> dict[str, Any]:
     """Counts from what is in the Parquet now, for this run's (problem, sample) pairs.
 
-    The files are read a group at a time and only counts, keys and decomposition ids are kept:
-    reading every row's columns at once cost the driver ~700 bytes per row at the end of a run
-    (+210 MiB at 300k problems, measured from /proc RssAnon)."""
+    `keys` are this run's; those not in `state.done` were new to it. The files are read a group
+    at a time and only counts and 16-byte digests are kept (`pipelines/keys.py`): reading every
+    row's columns at once cost the driver ~700 bytes per row at the end of a run, and Arrow
+    `is_in` over the key strings most of that again."""
     columns = ["id", "cache_key", "status", "reason", "prompt_tokens", "completion_tokens"]
     columns += ["attempts", "step_check", "decomposition"]
-    expected, fresh = keys.array(), new_keys.array()
+    seen = np.zeros(len(keys), bool)  # per distinct expected key: has a row
     n_rows = n_new = accepted = prompt_tokens = completion_tokens = calls = first_calls = 0
     reasons: Counter[str] = Counter()
     step_checks: Counter[str] = Counter()
-    seen: list[pa.Array] = []
-    decompositions: list[pa.Table] = []
+    decompositions = KeySet()  # (problem, decomposition) of each row that has one
     for table in _row_groups(fs, root, columns):
-        rows = table.filter(pc.is_in(table["cache_key"], value_set=expected))
-        new = rows.filter(pc.is_in(rows["cache_key"], value_set=fresh))
+        digests = key_digests(table["cache_key"])
+        mine, where = keys.find(digests)
+        rows = table.filter(pa.array(mine))
+        seen[where[mine]] = True
+        new = rows.filter(pa.array(~state.done.find(digests[mine])[0]))
         n_rows, n_new = n_rows + rows.num_rows, n_new + new.num_rows
         accepted += _sum(pc.equal(rows["status"], "accepted").cast(pa.int64()))
         rejected = rows.filter(pc.equal(rows["status"], REJECTED))
@@ -998,16 +978,12 @@ def summarize(
         completion_tokens += _sum(new["completion_tokens"])
         calls += _sum(new["attempts"])
         first_calls += _sum(pc.greater(new["attempts"], 0).cast(pa.int64()))
-        seen.append(rows["cache_key"].combine_chunks())
-        decomposed = rows.filter(pc.is_valid(rows["decomposition"]))
-        decompositions.append(decomposed.select(["id", "decomposition"]))
-    keys_seen = pa.chunked_array(seen, pa.string())
-    distinct = pc.count_distinct(keys_seen).as_py() if n_rows else 0
-    decomposed = pa.concat_tables(decompositions) if decompositions else None
-    repeated = 0
-    if decomposed is not None and decomposed.num_rows:
-        groups = decomposed.group_by(["id", "decomposition"]).aggregate([])
-        repeated = decomposed.num_rows - groups.num_rows
+        if cfg.samples > 1:  # one sample a problem cannot repeat a decomposition
+            decomposed = rows.filter(pc.is_valid(rows["decomposition"]))
+            ids, ds = decomposed["id"].to_pylist(), decomposed["decomposition"].to_pylist()
+            decompositions.update(json.dumps(pair) for pair in zip(ids, ds, strict=True))
+    distinct = int(seen.sum())
+    repeated = decompositions.count - len(decompositions)
     cost = None
     if cfg.priced:
         cost = round(cfg.prices.cost(prompt_tokens, completion_tokens) * cfg.price_factor, 6)

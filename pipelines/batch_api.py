@@ -66,6 +66,7 @@ from pipelines.annotate import (
     teacher_row,
     token_counter,
 )
+from pipelines.keys import KeySet
 from pipelines.prompting import Prompt
 from pipelines.teacher_client import (
     CallResult,
@@ -462,12 +463,12 @@ class BatchRunner:
             )
         return self._client
 
-    def pending_keys(self) -> set[str]:
+    def pending_keys(self) -> KeySet:
         """Cache keys in batches an earlier run submitted and did not collect."""
-        keys: set[str] = set()
+        keys = KeySet()
         for rec in self.store.records():
             if rec.state != "collected":
-                keys.update(self.store.items(rec.name, ["cache_key"])["cache_key"].to_pylist())
+                keys.update(self.store.items(rec.name, ["cache_key"])["cache_key"])
         return keys
 
     def run(self, items: Iterable[tuple[dict[str, Any], list[dict[str, str]]]]) -> BatchReport:
