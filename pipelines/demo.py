@@ -338,10 +338,8 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         "reply": reply,
         "results_md": evaluate.results_markdown(evaluation),
         "evaluation": str(cfg.out / "eval"),
-        "arith": learned
-        and {
-            k: learned[k] for k in ("table_md", "png", "targets", "figures", "times_s")
-        },  # fmt: skip
+        "arith": learned and {k: learned[k] for k in ("table_md", "png", "targets", "figures",
+                                                       "times_s")},  # fmt: skip
     }
     (cfg.out / "demo.json").write_text(json.dumps(result, indent=2))
     return result
