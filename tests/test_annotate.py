@@ -495,3 +495,14 @@ def test_the_summary_counts_the_same_whatever_it_reads_at_once(ray_cluster, teac
         k: v for k, v in whole.items() if k not in volatile
     }
     assert whole["rows"] == first["rows"] == 80 and whole["resumed_rows"] == 80
+
+
+def test_many_in_flight_on_the_openai_client_gets_a_hint(teacher, tmp_path, caplog) -> None:
+    """At 256+ in flight the openai client's CPU bounds an actor: the run says what goes further."""
+    caplog.set_level("WARNING", logger="annotate")
+    run(_cfg(tmp_path, teacher, max_in_flight=512, dry_run=True))
+    assert "--http-client aiohttp" in caplog.text
+    caplog.clear()
+    run(_cfg(tmp_path, teacher, max_in_flight=512, http_client="aiohttp", dry_run=True))
+    run(_cfg(tmp_path, teacher, max_in_flight=64, dry_run=True))
+    assert "--http-client aiohttp" not in caplog.text
