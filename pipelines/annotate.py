@@ -212,8 +212,9 @@ class AnnotateConfig:
     )
     batch_keep_files: bool = option(
         False,
-        help="--batch-api: keep each collected batch's requests and result files under "
-        "<output>/_batches/ (default: delete them once its rows are in Parquet; records stay)",
+        help="--batch-api: keep each collected batch's requests and result files, under "
+        "<output>/_batches/ and at the provider (default: delete both once its rows are in "
+        "Parquet; records stay)",
     )
     address: str | None = option(None, help="Ray address (default: RAY_ADDRESS or a local cluster)")
     seed: int = option(0, help="seed for retry jitter and seeded dataset splits")
@@ -1087,7 +1088,8 @@ def format_batches(b: dict[str, Any]) -> list[str]:
         f"  Batch API: {b['batches']} batches ({b['new']} submitted, {b['resumed']} from an "
         f"earlier run): {states}; {b['requests']} requests sent, {b['resubmitted_requests']} of "
         f"them resubmitted ({b['expired']} expired, {b['failed']} failed batches), "
-        f"{b['unanswered_requests']} unanswered after {b['max_rounds']} rounds",
+        f"{b['unanswered_requests']} unanswered after {b['max_rounds']} rounds; "
+        f"{b['provider_files_deleted']} files deleted at the provider once collected",
     ]
     if b["ids"]:
         shown = ", ".join(b["ids"][:8]) + (

@@ -20,8 +20,9 @@ Everything about one batch lives under `<output>/_batches/<name>.*`, on the outp
   before they are read, so paid answers are ours even if the provider's copy expires.
 
 Once a batch is collected (and what it left unanswered resubmitted), its data files are deleted
-and its record kept, unless `--batch-keep-files`: they are as large as the rows themselves, and
-a job of millions of requests would otherwise double the output.
+and its record kept, and its input, output and error files are deleted at the provider, unless
+`--batch-keep-files`: they are as large as the rows themselves, a job of millions of requests
+would otherwise double the output, and the provider's copies count against its file storage.
 
 Paying once: a run reads the records first. The keys of every batch not yet collected are
 pending: never submitted again, their batches are polled and collected. A record killed between
@@ -410,6 +411,7 @@ class BatchReport:
     lost_output_files: int = 0
     lost_output_requests: int = 0
     unanswered_requests: int = 0
+    provider_files_deleted: int = 0
     batches: dict[str, dict[str, Any]] = field(default_factory=dict)
     still_running: list[str] = field(default_factory=list)
     stopped: str | None = None
@@ -531,6 +533,7 @@ class BatchRunner:
                         finally:
                             if rec.state == "collected" and not cfg.batch_keep_files:
                                 self.store.prune(rec.name)
+                                self._delete_provider_files(rec)
                         if again is not None:
                             active.append(again)
                 if not active and not more:
@@ -844,6 +847,28 @@ class BatchRunner:
         rec.collected["resubmitted_as"] = again.name
         store.save(rec)
         return again
+
+    def _delete_provider_files(self, rec: BatchRecord) -> None:
+        """Delete a collected batch's input, output and error files at the provider: they count
+        against the organisation's file storage, and the rows are ours now. A file that will
+        not go is left there with a warning; it never fails the run."""
+        import openai
+
+        for file_id in (rec.input_file_id, rec.output_file_id, rec.error_file_id):
+            if not file_id:
+                continue
+            try:
+                self.client.files.delete(file_id)
+                self.report.provider_files_deleted += 1
+            except openai.NotFoundError:
+                pass  # gone already (a lost output file, an earlier run's delete)
+            except Exception as exc:  # noqa: BLE001 - a leftover file costs storage, not rows
+                log.warning(
+                    "batch %s: could not delete file %s at the provider (%s); it stays there",
+                    rec.batch_id,
+                    file_id,
+                    error_message(exc),
+                )
 
     def _resubmit(self, rec: BatchRecord, missing: set[str]) -> BatchRecord:
         """A new batch (round + 1) of exactly the requests `rec` left unanswered."""

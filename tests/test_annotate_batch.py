@@ -127,12 +127,10 @@ def test_batch_rows_are_the_online_rows_at_half_the_estimated_price(teacher, tmp
     assert record["state"] == "collected" and record["batch_id"] == batches["ids"][0]
     assert record["collected"]["rows"] == 8 and record["input_file_id"]
     assert "Batch API: 1 batches" in format_summary(summary)
-    # Collected: its record is all that is left in _batches/. What was uploaded (read back from
-    # the provider) is exactly the online request, line by line.
+    # Collected: its record is all that is left in _batches/, and nothing at the provider.
     assert _batch_files(cfg.output) == [f"{record['name']}.json"]
-    client = openai.OpenAI(base_url=teacher.base_url, api_key="x", max_retries=0)
-    uploaded = client.files.content(record["input_file_id"]).read()
-    assert uploaded.count(b"\n") == 8 and json.loads(uploaded.splitlines()[0])["body"]["model"]
+    assert teacher.files() == {} and batches["provider_files_deleted"] == 2  # input, output
+    assert "2 files deleted at the provider" in format_summary(summary)
 
     teacher.reset_stats()
     again = run(cfg)
@@ -149,6 +147,12 @@ def test_collected_batch_files_are_kept_on_request_and_pruned_by_the_next_run(
     name = record["name"]
     suffixes = (".items.arrow", ".json", ".jsonl", ".output.jsonl")
     assert _batch_files(cfg.output) == sorted(name + s for s in suffixes)
+    # What was uploaded (kept at the provider too) is exactly the online request, line by line.
+    client = openai.OpenAI(base_url=teacher.base_url, api_key="x", max_retries=0)
+    uploaded = client.files.content(record["input_file_id"]).read()
+    assert uploaded == (Path(cfg.output) / "_batches" / f"{name}.jsonl").read_bytes()
+    assert uploaded.count(b"\n") == 8 and json.loads(uploaded.splitlines()[0])["body"]["model"]
+    assert set(teacher.files()) == {record["input_file_id"], record["output_file_id"]}
     # As a run killed between "collected" and the prune leaves it: the next run prunes it, and
     # pays for nothing.
     teacher.reset_stats()
@@ -304,7 +308,10 @@ def test_large_jobs_are_split_under_the_request_and_byte_limits(teacher, tmp_pat
     messages = next(iter_work_items(cfg, SAMPLE[:1]))[1]
     line = len(request_line("0" * 32, cfg.model, messages, cfg.sampling))
     limit = int(line * 2.5)
-    by_bytes = _cfg(tmp_path, teacher, output=str(tmp_path / "bytes"), batch_max_bytes=limit)
+    by_bytes = _cfg(
+        tmp_path, teacher, output=str(tmp_path / "bytes"), batch_max_bytes=limit,
+        batch_keep_files=True,  # the uploads stay at the provider to be measured
+    )  # fmt: skip
     before = set(teacher.files())
     summary = run(by_bytes)
     uploads = [f for k, f in teacher.files().items() if k not in before and f["purpose"] == "batch"]
