@@ -94,9 +94,9 @@ from socratic.records import (
 
 log = logging.getLogger("annotate")
 # In flight per actor from which the openai client's own CPU, not the teacher, bounds an actor.
-# Measured against the 200 ms test teacher, client alone in one process (2026-12-06): 1.0 ms of
-# CPU a call at 64 in flight, 1.6 ms at 512 (~600 calls/s a core, ideal 2560); aiohttp 0.16 ms.
-# A larger keep-alive pool (httpx Limits) did not change it.
+# `benchmarks/teacher_client_cpu.py` (200 ms test teacher, 2026-12-06): 1.0 ms of CPU a call at
+# 64 in flight, 1.5 ms at 512 (624 calls/s, ideal 2560); aiohttp 0.14-0.17 ms. A larger
+# keep-alive pool (httpx Limits) did not change it.
 OPENAI_CLIENT_BUSY_IN_FLIGHT = 256
 GOLD_TEACHER = "gold"
 
@@ -890,7 +890,7 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
         and (cfg.max_in_flight >= busy)
     ):
         log.warning(
-            "--max-in-flight %d with the openai client: it spends ~1.6 ms of CPU a call at that "
+            "--max-in-flight %d with the openai client: it spends ~1.5 ms of CPU a call at that "
             "concurrency, so an actor's core tops out near 600 calls/s; --http-client aiohttp "
             "(~0.2 ms) or more --actors go further",
             cfg.max_in_flight,
