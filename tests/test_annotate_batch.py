@@ -161,6 +161,19 @@ def test_collected_batch_files_are_kept_on_request_and_pruned_by_the_next_run(
     assert teacher.stats()["requests"] == 0 and again["rows"] == 8
 
 
+def test_a_provider_that_will_not_delete_files_leaves_them_with_a_warning(
+    teacher, tmp_path, caplog
+) -> None:
+    teacher.set_plan(FaultPlan(file_deletes_fail=True))
+    cfg = _cfg(tmp_path, teacher)
+    summary = run(cfg)
+    assert (summary["rows"], summary["batches"]["provider_files_deleted"]) == (8, 0)
+    (record,) = _records(cfg.output)
+    assert set(teacher.files()) == {record["input_file_id"], record["output_file_id"]}
+    assert caplog.text.count("it stays there") == 2
+    assert _batch_files(cfg.output) == [f"{record['name']}.json"]  # ours are gone all the same
+
+
 def test_a_run_that_stops_waiting_leaves_its_batch_to_the_rerun_which_pays_nothing_twice(
     teacher, tmp_path
 ) -> None:

@@ -139,6 +139,7 @@ class FaultPlan:
     batch_polls: int = 1
     batch_faults: list[str] = field(default_factory=list)
     expire_fraction: float = 0.5
+    file_deletes_fail: bool = False  # DELETE /v1/files/{id} answers 500 (the file stays)
 
     def __post_init__(self) -> None:
         named = [self.default, *self.rates, *self.first]
@@ -167,6 +168,7 @@ class FaultPlan:
             "batch_polls": self.batch_polls,
             "batch_faults": list(self.batch_faults),
             "expire_fraction": self.expire_fraction,
+            "file_deletes_fail": self.file_deletes_fail,
         }
 
     @classmethod
@@ -188,6 +190,7 @@ class FaultPlan:
             batch_polls=int(data.get("batch_polls", 1)),
             batch_faults=[str(f) for f in data.get("batch_faults") or []],
             expire_fraction=float(data.get("expire_fraction", 0.5)),
+            file_deletes_fail=bool(data.get("file_deletes_fail", False)),
         )
 
 
@@ -761,6 +764,8 @@ class TeacherServer:
                 return 404, _error_body(404, f"No such File object: {'/'.join(rest)}")
             obj, content = file
             if method == "DELETE" and len(rest) == 1:
+                if self._plan.file_deletes_fail:
+                    return 500, _error_body(500, "injected fault: the file was not deleted")
                 del self._files[rest[0]]
                 return 200, {"id": rest[0], "object": "file", "deleted": True}
             if method == "GET" and len(rest) == 2:
