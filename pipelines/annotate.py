@@ -882,13 +882,8 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
             "answer (marked by their equal `decomposition`); raise --temperature for variety"
         )
         log.warning(warnings[-1])
-    busy = OPENAI_CLIENT_BUSY_IN_FLIGHT
-    if (
-        cfg.mode == "teacher"
-        and not cfg.batch_api
-        and cfg.http_client == "openai"
-        and (cfg.max_in_flight >= busy)
-    ):
+    online_openai = cfg.mode == "teacher" and not cfg.batch_api and cfg.http_client == "openai"
+    if online_openai and cfg.max_in_flight >= OPENAI_CLIENT_BUSY_IN_FLIGHT:
         log.warning(
             "--max-in-flight %d with the openai client: it spends ~1.5 ms of CPU a call at that "
             "concurrency, so an actor's core tops out near 600 calls/s; --http-client aiohttp "
