@@ -225,17 +225,13 @@ class BatchStore:
     def exists(self, name: str, suffix: str) -> bool:
         return self.fs.get_file_info(self.path(name, suffix)).type == pafs.FileType.File
 
-    def delete(self, name: str) -> None:
-        for base in self._files():
-            if base.startswith(name + "."):
-                self.fs.delete_file(posixpath.join(self.dir, base))
-
-    def prune(self, name: str) -> list[str]:
-        """Delete a collected batch's data files (items, requests, the provider's result files),
-        keeping its record: its rows are in Parquet, and the files were as large as the rows."""
+    def delete(self, name: str, *, keep_record: bool = False) -> list[str]:
+        """Delete a batch's files. `keep_record` prunes a collected batch: its data files
+        (items, requests, the provider's result files) go, its record stays; its rows are in
+        Parquet, and the files were as large as the rows."""
         removed = []
         for base in self._files():
-            if base.startswith(name + ".") and base != name + ".json":
+            if base.startswith(name + ".") and not (keep_record and base == name + ".json"):
                 self.fs.delete_file(posixpath.join(self.dir, base))
                 removed.append(base)
         return removed
@@ -243,14 +239,14 @@ class BatchStore:
     def cleanup(self, prune_collected: bool = True) -> list[str]:
         """Remove what a killed run left before any record named it (nothing was paid for it:
         a batch is only ever made from a file whose upload a record names), and the data files of
-        collected batches that a kill left before `prune`."""
+        collected batches that a kill left before their prune."""
         files = self._files()
         named = {b.removesuffix(".json") for b in files if b.endswith(".json")}
         removed = []
         if prune_collected:
             for rec in self.records():
                 if rec.state == "collected":
-                    removed += self.prune(rec.name)
+                    removed += self.delete(rec.name, keep_record=True)
             files = [b for b in files if b not in removed]
         for base in files:
             if base.split(".", 1)[0] not in named or base.endswith(".tmp"):
@@ -532,7 +528,7 @@ class BatchRunner:
                             again = self._collect(rec, batch)
                         finally:
                             if rec.state == "collected" and not cfg.batch_keep_files:
-                                self.store.prune(rec.name)
+                                self.store.delete(rec.name, keep_record=True)
                                 self._delete_provider_files(rec)
                         if again is not None:
                             active.append(again)

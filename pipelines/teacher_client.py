@@ -180,33 +180,24 @@ def classify(exc: BaseException) -> tuple[str, bool, float | None]:
     """(kind, retryable, retry_after) for an exception the openai client (or aiohttp) raised."""
     import openai
 
-    if isinstance(exc, HTTPStatusFailure):
-        code = exc.status_code
-        fatal = fatal_for(code, error_message(exc))
-        if fatal is not None:
-            raise fatal from None
-        if 200 <= code < 300:
-            return "malformed_response", False, None
-        headers = {k.lower(): v for k, v in exc.headers.items()}
-        return str(code), code in (408, 409, 429) or code >= 500, retry_after_seconds(headers)
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return "timeout", True, None
-    if type(exc).__module__.startswith("aiohttp"):
-        return "connection", True, None
-
-    if isinstance(exc, openai.APITimeoutError):
-        return "timeout", True, None
-    if isinstance(exc, openai.APIConnectionError):
-        return "connection", True, None
-    if isinstance(exc, openai.APIStatusError):
+    if isinstance(exc, (HTTPStatusFailure, openai.APIStatusError)):
         code = exc.status_code
         fatal = fatal_for(code, error_message(exc))
         if fatal is not None:
             # A wrong key, model name or base URL fails every call alike. Rejecting each row
             # instead would also make a rerun skip them all (404 is not transient) after the fix.
             raise fatal from None
-        retry_after = retry_after_seconds(exc.response.headers if exc.response else None)
-        return str(code), code in (408, 409, 429) or code >= 500, retry_after
+        if isinstance(exc, HTTPStatusFailure):
+            if 200 <= code < 300:
+                return "malformed_response", False, None
+            headers: Mapping[str, str] | None = {k.lower(): v for k, v in exc.headers.items()}
+        else:
+            headers = exc.response.headers if exc.response else None
+        return str(code), code in (408, 409, 429) or code >= 500, retry_after_seconds(headers)
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError, openai.APITimeoutError)):
+        return "timeout", True, None
+    if type(exc).__module__.startswith("aiohttp") or isinstance(exc, openai.APIConnectionError):
+        return "connection", True, None
     return type(exc).__name__, False, None
 
 
