@@ -69,6 +69,7 @@ from socratic.formats import (
 from socratic.generate import DTYPES, Generator
 from socratic.records import STEP_TYPE
 from socratic.solve import DEFAULT_MAX_STEPS, solve_many
+from socratic.stats import wilson_interval
 
 log = logging.getLogger("evaluate")
 
@@ -408,6 +409,7 @@ def summarize(
                     "duplicates": len(group) - len(ids),
                     "correct": correct,
                     "accuracy": round(100 * correct / len(group), 2) if group else None,
+                    "ci95": list(wilson_interval(correct, len(group))) if group else None,
                     "tokens": sum(r["tokens"] for r in group),
                     "tokens_per_problem": round(sum(r["tokens"] for r in group) / len(group), 1)
                     if group
@@ -446,7 +448,7 @@ def results_markdown(summary: dict[str, Any]) -> str:
     datasets = sorted({r["dataset"] for r in results})
     rows: dict[tuple[str, bool | None], dict[str, str]] = {}
     for r in results:
-        cell = f"{r['accuracy']:.1f} ({r['correct']}/{r['problems']})"
+        cell = f"{r['accuracy']:.1f} ({r['correct']}/{r['problems']}){_interval(r)}"
         rows.setdefault((r["method"], r["calculator"]), {})[r["dataset"]] = cell
     order = {m: i for i, m in enumerate(METHOD_LABELS)}
     lines = [
@@ -462,8 +464,14 @@ def results_markdown(summary: dict[str, Any]) -> str:
     lines.append("")
     splits = ", ".join(sorted({f"{r['dataset']}/{r['split']}" for r in results}))
     models = ", ".join(f"{role} {d}" for role, d in summary["models"].items())
-    lines.append(f"Accuracy in % on {splits}; models: {models}")
+    lines.append(f"Accuracy in % on {splits}, 95 % Wilson interval in brackets; models: {models}")
     return "\n".join(lines) + "\n"
+
+
+def _interval(r: dict[str, Any]) -> str:
+    """` [lo, hi]` of a result row; empty for a summary written before rows carried one."""
+    ci = r.get("ci95")
+    return f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else ""
 
 
 def merge_summaries(paths: Sequence[str | Path]) -> dict[str, Any]:
@@ -498,7 +506,8 @@ def format_summary(s: dict[str, Any]) -> str:
         if r.get("truncated"):
             extra += f", {r['truncated']} prompts truncated"
         lines.append(
-            f"  {r['method']}{calc}: {r['accuracy']} % ({r['correct']}/{r['problems']}{gaps}), "
+            f"  {r['method']}{calc}: {r['accuracy']} %{_interval(r)} "
+            f"({r['correct']}/{r['problems']}{gaps}), "
             f"{r['tokens_per_problem']} tokens/problem{extra}"
         )
     lines.append(f"  wall {s['wall_s']} s")

@@ -30,6 +30,7 @@ from socratic.answers import answers_match
 from socratic.calculator import evaluate, format_number
 from socratic.generate import Generator
 from socratic.solve import solve
+from socratic.stats import wilson_interval
 from tests.support.paths import require_shared
 from tests.support.wrong_arith import CASES, DECOMPOSITIONS, wrong_arith_model_dir
 
@@ -92,6 +93,7 @@ def test_every_method_scores_every_problem_once(ray_cluster, tiny_model_dir, tmp
         rows = [x for x in every if x["method"] == method and x["calculator"] == calculator]
         assert (r["problems"], r["missing"], r["duplicates"]) == (len(TEST), 0, 0)
         assert r["correct"] == sum(x["correct"] for x in rows)
+        assert r["ci95"] == list(wilson_interval(r["correct"], r["problems"]))
         assert r["tokens"] == sum(x["tokens"] for x in rows)
         assert r["calculator_forced"] == sum(x["calculator_forced"] for x in rows)
         assert r["calculator_refused"] == sum(x["calculator_refused"] for x in rows)

@@ -217,3 +217,28 @@ def test_gsm8k_packed_sequences_tokenise_to_the_per_example_pieces() -> None:
         f"whole != joined pieces: {seq_bad}; per-example prompt != packed context: {prompt_bad}"
     )
     assert (seq_bad, prompt_bad) == (0, 0)
+
+
+def test_calculator_results_carry_no_loss_when_masked_in_both_forms(tokenizer) -> None:
+    """`mask_calculator_results`: what `CalculatorForcing` writes at inference (the result and
+    `>>` after `<<expr=`) is in the input but not in the labels, packed or per example; every
+    other target token keeps its label."""
+    problems = SAMPLE[:20]
+    packed = [solver_sequence(p.question, p.steps) for p in problems]
+    per_example = [e for seq in packed for e in seq.examples()]
+    for examples in (packed, per_example):
+        plain = tokenize(examples, tokenizer, 512)
+        masked = tokenize(examples, tokenizer, 512, mask_calculator_results=True)
+        assert masked.input_ids == plain.input_ids
+        dropped = []
+        for ids, a, b in zip(plain.input_ids, plain.labels, masked.labels, strict=True):
+            for i, (x, y) in enumerate(zip(a, b, strict=True)):
+                assert y in (x, IGNORE_INDEX)
+                if y != x:
+                    dropped.append(ids[i])
+        text = tokenizer.decode(dropped)
+        spans = sum(s.answer.count("<<") for p in problems for s in p.steps)
+        assert spans and text.count(">>") == spans  # every span's closer, nothing else of it
+        assert "<<" not in text and "=" not in text  # the expression stays the student's
+        kept = [x for labs in masked.labels for x in labs if x != IGNORE_INDEX]
+        assert masked.target_tokens == len(kept) == plain.target_tokens - len(dropped)

@@ -121,6 +121,11 @@ class TrainConfig:
         "example per sub-question (per-example); the same losses, packed has ~2.8x fewer tokens",
         choices=SOLVER_EXAMPLES,
     )
+    mask_calculator_results: bool = option(
+        False,
+        help="no loss on the tokens the calculator forces at inference (the result and '>>' "
+        "after '<<expr='): the student never writes them, and predicting them is arithmetic",
+    )
     explicit_options: dict[str, str] | None = option(
         None, help="filled by parse_config: option -> 'flag' or the YAML path", cli=False
     )

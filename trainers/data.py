@@ -30,6 +30,7 @@ sampler state is shared between workers and a restarted worker group replays the
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -252,6 +253,7 @@ def tokenize(
     max_length: int,
     *,
     min_prompt_tokens: int = 8,
+    mask_calculator_results: bool = False,
 ) -> TokenizedSet:
     """Token ids and loss labels of `examples`: prompt + target + EOS, at most `max_length`.
 
@@ -268,6 +270,11 @@ def tokenize(
     A `SolverSequence` gives one sequence (or, past `max_length`, a few) whose answers each see
     exactly the tokens their per-example prompt gives: its pieces are encoded apart and joined,
     so the ids are the per-example pieces by construction (see `_add_packed`).
+
+    `mask_calculator_results` takes the loss off the tokens the calculator forces at inference
+    (the result and `>>` after `<<expr=`, `socratic.generate.CalculatorForcing`): the student
+    never has to write them, and learning to predict them is learning arithmetic. The tokens
+    stay in the input, so what follows a span still learns to copy its result.
     """
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -282,7 +289,7 @@ def tokenize(
         for ex in examples
         for piece in (ex.pieces if isinstance(ex, SolverSequence) else (ex.prompt, ex.target))
     ]
-    ids = iter(_encode(tokenizer, texts))
+    ids = iter(_encode(tokenizer, texts, forced=mask_calculator_results))
     out = TokenizedSet([], [], 0, 0, 0, 0, 0)
     for ex in examples:
         if isinstance(ex, SolverSequence):
@@ -291,21 +298,49 @@ def tokenize(
         else:
             out.examples += 1
             p, t = next(ids), next(ids)
-            _add_example(out, p, [*t, eos], max_length, min_prompt_tokens)
+            _add_example(out, p, t + [eos], max_length, min_prompt_tokens)
     return out
 
 
 class Piece(list):
     """Token ids of one encoded text, with `line_ends`: the indices right after each "\n"
-    (`socratic.generate.token_line_ends`), where `bound_prompt` may cut a prompt."""
+    (`socratic.generate.token_line_ends`), where `bound_prompt` may cut a prompt, and `forced`:
+    the indices of tokens the calculator forces at inference (`calculator_result_tokens`)."""
 
-    def __init__(self, ids: Iterable[int] = (), line_ends: Sequence[int] = ()) -> None:
+    def __init__(
+        self, ids: Iterable[int] = (), line_ends: Sequence[int] = (), forced: Sequence[int] = ()
+    ) -> None:
         super().__init__(ids)
         self.line_ends = list(line_ends)
+        self.forced = list(forced)
 
     def __add__(self, other: list[int]) -> Piece:  # type: ignore[override]
         ends = getattr(other, "line_ends", ())
-        return Piece([*self, *other], [*self.line_ends, *(len(self) + e for e in ends)])
+        forced = getattr(other, "forced", ())
+        return Piece(
+            [*self, *other],
+            [*self.line_ends, *(len(self) + e for e in ends)],
+            [*self.forced, *(len(self) + f for f in forced)],
+        )
+
+    def labels(self) -> list[int]:
+        """The ids as loss labels, `IGNORE_INDEX` on forced tokens."""
+        out = list(self)
+        for i in self.forced:
+            out[i] = IGNORE_INDEX
+        return out
+
+
+# `<<expr=` then the result and `>>`: what `CalculatorForcing` writes once a row wrote `<<expr=`.
+_FORCED_RE = re.compile(r"<<[^<>=]*=([^<>]*>>)")
+
+
+def calculator_result_tokens(text: str, offsets: Sequence[tuple[int, int]]) -> list[int]:
+    """Indices of the tokens that start inside a calculator span's result (`>>` included)."""
+    regions = [m.span(1) for m in _FORCED_RE.finditer(text)]
+    if not regions:
+        return []
+    return [i for i, (a, b) in enumerate(offsets) if b > a and any(s <= a < e for s, e in regions)]
 
 
 def _add_example(
@@ -320,7 +355,11 @@ def _add_example(
             return
         p, _ = bound_prompt(p, p.line_ends, room)
         out.truncated += 1
-    _append(out, [*p, *t], [IGNORE_INDEX] * len(p) + t)
+    _append(out, [*p, *t], [IGNORE_INDEX] * len(p) + _labels(t))
+
+
+def _labels(t: list[int]) -> list[int]:
+    return t.labels() if isinstance(t, Piece) else list(t)
 
 
 def _append(out: TokenizedSet, ids: list[int], labels: list[int]) -> None:
@@ -357,31 +396,38 @@ def _add_packed(
     out.examples += n
     while k < n:
         if len(prefixes[k]) + len(targets[k]) + 1 > max_length:
-            _add_example(out, prefixes[k], [*targets[k], eos], max_length, min_prompt_tokens)
+            _add_example(out, prefixes[k], targets[k] + [eos], max_length, min_prompt_tokens)
             k += 1
             continue
         ids = prefixes[k] + targets[k]
-        labels = [IGNORE_INDEX] * len(prefixes[k]) + targets[k]
+        labels = [IGNORE_INDEX] * len(prefixes[k]) + _labels(targets[k])
         k += 1
         while k < n and len(ids) + len(contexts[k]) + len(targets[k]) + 1 <= max_length:
             c, t = contexts[k], targets[k]
             ids += c + t
-            labels += [eos] + [IGNORE_INDEX] * (len(c) - 1) + t
+            labels += [eos] + [IGNORE_INDEX] * (len(c) - 1) + _labels(t)
             k += 1
         _append(out, [*ids, eos], [*labels, eos])
     out.split += len(out.input_ids) - before > 1
 
 
-def _encode(tokenizer: Any, texts: list[str]) -> list[Piece]:
+def _encode(tokenizer: Any, texts: list[str], forced: bool = False) -> list[Piece]:
     """Each text's ids and line ends (none from a slow tokenizer, which has no offsets: its
-    over-long prompts then lose their start, `bound_prompt`'s last resort)."""
+    over-long prompts then lose their start, `bound_prompt`'s last resort), and with `forced`
+    its calculator-forced tokens."""
     if not texts:
         return []
     fast = getattr(tokenizer, "is_fast", False)
+    if forced and not fast:
+        raise ValueError("masking calculator results needs a fast tokenizer (token offsets)")
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=fast)
     offsets = enc["offset_mapping"] if fast else [()] * len(texts)
     return [
-        Piece(ids, token_line_ends(text, offs) if fast else ())
+        Piece(
+            ids,
+            token_line_ends(text, offs) if fast else (),
+            calculator_result_tokens(text, offs) if forced else (),
+        )
         for text, ids, offs in zip(texts, enc["input_ids"], offsets, strict=True)
     ]
 

@@ -103,7 +103,8 @@ def load_data(job: RoleJob, tokenizer: Any) -> RoleData:
     train_rows, eval_rows = split_rows(cfg)
     packed = cfg.solver_examples == "packed"
     examples, built = build_examples(train_rows, job.role, packed=packed)
-    train = tokenize_examples(examples, tokenizer, cfg.max_length)
+    mask = cfg.mask_calculator_results
+    train = tokenize_examples(examples, tokenizer, cfg.max_length, mask_calculator_results=mask)
     if not len(train):
         raise ValueError(
             f"{job.role}: no trainable examples in {cfg.data} "
@@ -112,7 +113,10 @@ def load_data(job: RoleJob, tokenizer: Any) -> RoleData:
     held = None
     if eval_rows:
         held = tokenize_examples(
-            build_examples(eval_rows, job.role, packed=packed)[0], tokenizer, cfg.max_length
+            build_examples(eval_rows, job.role, packed=packed)[0],
+            tokenizer,
+            cfg.max_length,
+            mask_calculator_results=mask,
         )
         if not len(held):
             raise ValueError(f"{job.role}: the held-out problems give no eval examples")

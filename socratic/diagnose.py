@@ -1,0 +1,103 @@
+"""Each student of the Socratic pair scored alone, against the gold steps.
+
+Why: the pair's accuracy is a product of two students, and a change that helps one can hide
+behind the other. Divide-or-Conquer (Wu et al. 2024) found the solver bounds such pipelines;
+this measures which student a change helped, on the problems evaluation scores.
+
+* Solver, teacher-forced: for every gold step k it gets the problem, the gold steps before k
+  and the gold sub-question k (exactly the prompt it sees in the loop when everything before
+  went right) and must give gold answer k. Scored per step, per problem (every step right) and
+  by step index.
+* Decomposer: its sub-questions against the gold ones: the right count, each question equal
+  to the gold one at its place (after `formats.clean`), and every question equal. The last is
+  the pipeline's accuracy with a gold solver: a gold solver answers the gold sub-questions and
+  no other, so the pipeline is right exactly when the decomposition is the gold one.
+
+Both take the `generate(prompts) -> texts` callable of the solving loop (a `Generator`, or its
+`complete` with the calculator on), so they score what evaluation and Serve run.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from socratic.answers import answers_match, extract_answer
+from socratic.formats import (
+    clean,
+    decomposer_prompt,
+    parse_decomposition,
+    parse_solver,
+    solver_prompt,
+)
+from socratic.records import Problem
+from socratic.stats import wilson_interval
+
+Generate = Callable[[list[str]], Sequence[Any]]
+
+
+def _texts(replies: Sequence[Any]) -> list[str]:
+    return [r.text if hasattr(r, "text") else str(r) for r in replies]
+
+
+def _batched(generate: Generate, prompts: list[str], batch_size: int) -> list[str]:
+    out: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        out += _texts(generate(prompts[i : i + batch_size]))
+    return out
+
+
+def _share(hits: int, n: int) -> dict[str, Any]:
+    if n == 0:
+        return {"correct": 0, "total": 0, "accuracy": None, "ci95": None}
+    return {"correct": hits, "total": n, "accuracy": round(100 * hits / n, 2),
+            "ci95": list(wilson_interval(hits, n))}  # fmt: skip
+
+
+def score_solver(
+    problems: Sequence[Problem], generate: Generate, *, batch_size: int = 64
+) -> dict[str, Any]:
+    """The solver on gold sub-questions with the gold history (teacher forcing)."""
+    prompts, where = [], []
+    for i, p in enumerate(problems):
+        for k, step in enumerate(p.steps):
+            prompts.append(solver_prompt(p.question, p.steps[:k], step.question))
+            where.append((i, k))
+    outs = _batched(generate, prompts, batch_size)
+    by_problem: dict[int, list[bool]] = defaultdict(list)
+    by_k: dict[int, list[bool]] = defaultdict(list)
+    for (i, k), text in zip(where, outs, strict=True):
+        gold = extract_answer(problems[i].steps[k].answer)
+        ok = gold is not None and answers_match(extract_answer(parse_solver(text)), gold)
+        by_problem[i].append(ok)
+        by_k[k + 1].append(ok)
+    steps = [ok for oks in by_problem.values() for ok in oks]
+    return {
+        "per_step": _share(sum(steps), len(steps)),
+        "per_problem": _share(sum(all(v) for v in by_problem.values()), len(by_problem)),
+        "by_step": {k: _share(sum(v), len(v)) for k, v in sorted(by_k.items())},
+    }
+
+
+def score_decomposer(
+    problems: Sequence[Problem], generate: Generate, *, batch_size: int = 64
+) -> dict[str, Any]:
+    """The decomposer's sub-questions against the gold ones."""
+    problems = [p for p in problems if p.steps]
+    outs = _batched(generate, [decomposer_prompt(p.question) for p in problems], batch_size)
+    count = exact = 0
+    place_hits = place_total = 0
+    for p, text in zip(problems, outs, strict=True):
+        mine = parse_decomposition(text)
+        gold = [clean(s.question) for s in p.steps]
+        count += len(mine) == len(gold)
+        exact += mine == gold
+        place_hits += sum(m == g for m, g in zip(mine, gold, strict=False))
+        place_total += len(gold)
+    n = len(problems)
+    return {
+        "count_right": _share(count, n),
+        "question_right": _share(place_hits, place_total),
+        "gold_solver_pipeline": _share(exact, n),
+    }
