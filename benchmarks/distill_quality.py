@@ -107,6 +107,8 @@ class QualityConfig:
     json: str | None = option(None, help="write every figure to this JSON file")
     methods: str = option("iterative,unified,cot,answer", help="methods to train and score")
     base_model: str | None = option(None, help="start weights (default: a GPT-2 from scratch)")
+    arch: str = option("gpt2", choices=("gpt2", "llama"),
+                       help="from-scratch student: gpt2 or llama (rotary positions)")
     n_layer: int = option(3, help="from-scratch student: layers")
     n_embd: int = option(128, help="from-scratch student: width")
     n_head: int = option(4, help="from-scratch student: attention heads")
@@ -118,6 +120,8 @@ class QualityConfig:
     budget: str = option("both", choices=BUDGETS, help="the pair's budget: per-student (each "
                          "student trains on --budget-tokens, the paper's setting), per-method "
                          "(its two students share them) or both, side by side")
+    sweep: bool = option(False, help="instead of the table: the pair alone, budget per student, "
+                         "once per lever switched against this run's recipe (see SWEEP)")
     seeds: str | None = option(None, help="several seeds, e.g. 0,1,2: each a full run under "
                                "OUTPUT/seed-N, then the mean and spread of every figure")
     batch_size: int = option(16, help="global batch (examples per optimizer step)")
@@ -326,7 +330,7 @@ def build_base(cfg: QualityConfig, problems: Sequence[Any]) -> str:
     texts = [p + t for role in sorted(roles) for p, t in role_texts(problems, role)]
     return str(build_student(cfg.out / "base", texts, n_layer=cfg.n_layer, n_embd=cfg.n_embd,
                              n_head=cfg.n_head, n_positions=cfg.n_positions,
-                             seed=cfg.seed))  # fmt: skip
+                             seed=cfg.seed, arch=cfg.arch))  # fmt: skip
 
 
 def plan_steps(cfg: QualityConfig, problems: Sequence[Any], base: str) -> dict[str, dict]:
@@ -821,7 +825,71 @@ def run_seeds(cfg: QualityConfig) -> dict[str, Any]:
     return result
 
 
+def with_arith(cfg: QualityConfig, **knobs: int) -> str:
+    """`--dataset-config` with `knobs` set (later keys win in `ArithConfig.parse`)."""
+    extra = ",".join(f"{k}={v}" for k, v in knobs.items())
+    return f"{cfg.dataset_config},{extra}" if cfg.dataset_config else extra
+
+
+# Each lever of the pair's recipe, switched against the run's own settings (issue #21).
+SWEEP: dict[str, Any] = {
+    "recipe": lambda c: {},
+    "architecture flipped (llama <-> gpt2)": lambda c: {
+        "arch": "llama" if c.arch == "gpt2" else "gpt2"},
+    "calculator results masked: flipped": lambda c: {
+        "mask_calculator_results": not c.mask_calculator_results},
+    "lr 3x": lambda c: {"lr": c.lr * 3},
+    "deeper, same parameters (6 x 96)": lambda c: {"n_layer": 6, "n_embd": 96},
+    "500 training problems": lambda c: {"dataset_config": with_arith(c, n_train=500)},
+    "8000 training problems": lambda c: {"dataset_config": with_arith(c, n_train=8000)},
+}  # fmt: skip
+
+
+def run_sweep(cfg: QualityConfig) -> dict[str, Any]:
+    """The pair alone (budget per student, calculator on), once per lever in SWEEP, same seed;
+    each run under OUTPUT/sweep/N. One row per lever: in-length and longer accuracy, and each
+    student alone."""
+    t0 = time.perf_counter()
+    rows = []
+    for i, (name, change) in enumerate(SWEEP.items()):
+        if cfg.dataset != "arith" and "dataset_config" in change(cfg):
+            continue
+        sub = replace(cfg, **change(cfg), methods="iterative", budget="per-student",
+                      untrained=False, calculator="on", sweep=False, json=None,
+                      output=str(cfg.out / "sweep" / str(i)))  # fmt: skip
+        say(f"== sweep {i}: {name} ==")
+        r = run(sub)
+        diag = r["diagnostics"]["iterative"]["in-length"]
+        rows.append({
+            "lever": name, "change": change(cfg), "output": sub.output,
+            "in_length": accuracy_of(r, "in-length"), "longer": accuracy_of(r, "longer"),
+            "solver_per_step": diag["solver"]["per_step"]["accuracy"],
+            "decomposer_gold_solver": diag["decomposer"]["gold_solver_pipeline"]["accuracy"],
+            "training_tokens": r["trained_tokens_by_method"].get("iterative"),
+            "wall_s": r["times_s"]["total_s"],
+        })  # fmt: skip
+        say(f"  {name}: in-length {rows[-1]['in_length']}, longer {rows[-1]['longer']}")
+    md = ["| lever | pair, in-length | pair, longer | solver alone, per step | pipeline with a "
+          "gold solver | wall (s) |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for x in rows:
+        md.append(f"| {x['lever']} | {x['in_length']} | {x['longer'] or ''} | "
+                  f"{x['solver_per_step']} | {x['decomposer_gold_solver']} | {x['wall_s']:.0f} |")
+    result = {"config": asdict(cfg), "sweep": rows, "sweep_md": "\n".join(md),
+              "targets": [], "times_s": {"total_s": round(time.perf_counter() - t0, 1)}}
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    write_json(cfg, result)
+    return result
+
+
+def accuracy_of(r: dict[str, Any], name: str) -> str | None:
+    row = accuracy({n: {"results": v} for n, v in r["evaluation"].items()}, name, "iterative", True)
+    return cell(row) if row else None
+
+
 def report(r: dict[str, Any]) -> str:
+    if "sweep_md" in r:
+        return "\n".join(["", "== the pair's levers, one at a time (seed "
+                          f"{r['config']['seed']}, calculator on) ==", r["sweep_md"]])
     if "spread_md" in r:
         return "\n".join(["", f"== {len(r['seeds'])} seeds: mean and spread (%) ==",
                           r["spread_md"], "", *r["targets"]])  # fmt: skip
@@ -845,7 +913,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log_path = Path(cfg.ray_log) if cfg.ray_log else cfg.out / "ray.log"
     say(f"Ray's, DeepSpeed's and the libraries' own output: {log_path}")
     with quiet_console(log_path):
-        result = run_seeds(cfg)
+        result = run_sweep(cfg) if cfg.sweep else run_seeds(cfg)
         say(report(result))
     return 0
 

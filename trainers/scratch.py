@@ -46,6 +46,9 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 4000) -> Any:
     )
 
 
+ARCHS = ("gpt2", "llama")
+
+
 def build_student(
     out_dir: str | Path,
     texts: Iterable[str],
@@ -55,32 +58,52 @@ def build_student(
     n_head: int = 4,
     n_positions: int = 512,
     seed: int = 0,
+    arch: str = "gpt2",
 ) -> Path:
-    """Save a freshly initialised GPT-2 and its data-trained tokenizer under `out_dir`.
+    """Save a freshly initialised student and its data-trained tokenizer under `out_dir`.
 
-    Dropout is off: these students see each problem a few times at most, and the trainer may
-    not switch the model to train mode (`from_pretrained` loads it in eval mode)."""
+    `arch` "gpt2" is the paper's family (learned absolute positions); "llama" has rotary
+    positions, RMSNorm and a gated MLP (4 x width) at the same width and depth. Dropout is off:
+    these students see each problem a few times at most, and the trainer may not switch the
+    model to train mode (`from_pretrained` loads it in eval mode)."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(texts)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=n_positions,
-        n_embd=n_embd,
-        n_layer=n_layer,
-        n_head=n_head,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
     torch.manual_seed(seed)
-    model = GPT2LMHeadModel(config)
+    if arch == "llama":
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=n_embd,
+                intermediate_size=4 * n_embd,
+                num_hidden_layers=n_layer,
+                num_attention_heads=n_head,
+                num_key_value_heads=n_head,
+                max_position_embeddings=n_positions,
+                tie_word_embeddings=True,
+                **ids,
+            )
+        )
+    else:
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=n_positions,
+            n_embd=n_embd,
+            n_layer=n_layer,
+            n_head=n_head,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **ids,
+        )
+        model = GPT2LMHeadModel(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out)
