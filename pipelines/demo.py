@@ -18,11 +18,11 @@ Stages, each the project's real code on one local Ray cluster:
 4. serve: `serve/app.py` deploys Decomposer, Solver and the ingress; one problem goes through
    HTTP and its Socratic trace is printed.
 5. evaluate: `pipelines/evaluate.py` scores the sample's held-out problems -> accuracy table.
-6. learn: tiny students that do learn. GPT-2s from scratch (a tokenizer trained on the data)
-   train on gold decompositions of generated `arith` word problems (`socratic/arith.py`) with
-   the same annotate -> train -> evaluate stages, next to an answer-only student and the
-   untrained start weights: `benchmarks/distill_quality.py` at demo size, ending with its
-   accuracy table and a PNG of accuracy by number of operations.
+6. learn: tiny students that do learn. Llama-style students from scratch (a tokenizer trained
+   on the data) train on gold decompositions of generated `arith` word problems
+   (`socratic/arith.py`) with the same annotate -> train -> evaluate stages, next to an
+   answer-only student and the untrained start weights: `benchmarks/distill_quality.py` at
+   demo size, ending with its accuracy table and a PNG of accuracy by number of operations.
 
 Stages 1-5 show the real teacher and the real model plumbing on a 135M model; a few training
 steps on a handful of problems teach it the format, not arithmetic, so read their table as "the
@@ -91,10 +91,10 @@ class DemoConfig:
         "ops=1-2,operands=2-9,n_train=1000,n_test=50,n_long=0",
         help="stage 6: arith knobs (socratic/arith.py)",
     )
-    # Measured on 2-op problems (3 x 128 students, lr 3e-3, batch 16): 1.0M tokens left the pair
-    # at 17.5 % (328 steps each), 1.5M took it to 77.5 % (492 steps): the students learn to copy
-    # numbers only after ~450 steps, so a smaller budget shows format, not learning.
-    arith_budget_tokens: int = option(1_500_000, help="stage 6: training tokens per method")
+    # Per student (the paper's setting): decomposer and solver each train on this budget.
+    # Llama students at lr 1e-3 (distill_quality's recipe) learn 1-2 op problems well within it;
+    # the gpt2 ones of earlier demos needed ~450 steps before they copied any number.
+    arith_budget_tokens: int = option(750_000, help="stage 6: training tokens per student")
     arith_methods: str = option("iterative,answer", help="stage 6: methods to train and score")
     num_cpus: int = option(4, help="logical CPUs of the local Ray cluster")
     sequential_training: bool = option(
@@ -353,6 +353,7 @@ def arith_config(cfg: DemoConfig) -> QualityConfig:
         output=str(cfg.out / "arith"),
         methods=cfg.arith_methods,
         budget_tokens=cfg.arith_budget_tokens,
+        budget="per-student",
         untrained=True,
         calculator="on",
     )

@@ -33,7 +33,10 @@ from tests.support.paths import REPO
 from tests.support.teacher_server import FaultPlan, TeacherServer
 
 TRAIN = list(load_problems(DatasetSpec("sample", split="train")))
-LEARNED_MIN = 40.0  # measured 77.5 % (31/40) trained, 0 % untrained (lr 3e-3, 492 + 492 steps)
+# Measured with gpt2 students at 1.5 M tokens per method (lr 3e-3, 492 + 492 steps): 77.5 %
+# (31/40) trained, 0 % untrained; llama students (the benchmark's recipe) at 0.75 M per student
+# scored 94 % (47/50) on the demo's 1-2 operation problems.
+LEARNED_MIN = 40.0
 UNTRAINED_MAX = 5.0
 
 
@@ -59,7 +62,7 @@ def test_demo_runs_every_stage(tiny_model_dir: Path, tmp_path: Path) -> None:
              "--train-steps", "2", "--workers", "1", "--max-length", "256",
              "--max-new-tokens", "12", "--port", str(_free_port()), "--no-sequential-training",
              "--arith-config", "ops=2-2,operands=2-9,n_train=1000,n_test=40,n_long=0",
-             "--arith-methods", "iterative", "--arith-budget-tokens", "1500000"],
+             "--arith-methods", "iterative", "--arith-budget-tokens", "750000"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
         )  # fmt: skip
         calls = teacher.stats()["requests"]
@@ -108,7 +111,7 @@ def test_demo_runs_every_stage(tiny_model_dir: Path, tmp_path: Path) -> None:
 
     # Stage 6: the arith students' table and PNG, and the students learnt.
     arith = result["arith"]
-    for label in ("Untrained students", "Socratic (decomposer + solver)"):
+    for label in ("Untrained students", "Socratic (decomposer + solver), budget per student"):
         assert f"| {label}" in arith["table_md"] and f"| {label}" in proc.stdout
     png = Path(arith["png"])
     assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"

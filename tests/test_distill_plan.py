@@ -11,7 +11,8 @@ from trainers.scratch import build_student
 
 def test_socratic_pair_sees_its_data_equally_often_with_the_packed_solver(tmp_path: Path) -> None:
     cfg = QualityConfig(dataset_config="ops=2-2,operands=2-9,n_train=60,n_test=4,n_long=0",
-                        methods="iterative", budget_tokens=200_000, warmup_steps=1)  # fmt: skip
+                        methods="iterative", budget="both", budget_tokens=200_000,
+                        warmup_steps=1)  # fmt: skip
     problems = problems_of(cfg, "train", None)
     texts = [p.question + s.answer for p in problems for s in p.steps]
     base = build_student(tmp_path / "base", texts)
