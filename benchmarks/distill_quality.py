@@ -690,7 +690,7 @@ def plot(cfg: QualityConfig, rows: list[dict[str, Any]], path: Path, train_ops: 
     ax.set_ylim(-3, 103)
     ax.set_title(f"Tiny students on {cfg.dataset} (seed {cfg.seed}): accuracy by problem length")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="center left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
