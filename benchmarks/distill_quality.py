@@ -859,7 +859,6 @@ SWEEP: dict[str, Any] = {
         "arch": "llama" if c.arch == "gpt2" else "gpt2"},
     "calculator results masked: flipped": lambda c: {
         "mask_calculator_results": not c.mask_calculator_results},
-    "lr 3x": lambda c: {"lr": c.lr * 3},
     "deeper, same parameters (6 x 96)": lambda c: {"n_layer": 6, "n_embd": 96},
     "500 training problems": lambda c: {"dataset_config": with_arith(c, n_train=500)},
     "8000 training problems": lambda c: {"dataset_config": with_arith(c, n_train=8000)},
