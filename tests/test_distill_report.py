@@ -1,0 +1,78 @@
+"""The quality benchmark's report: target lines the dashboard reads, intervals, per-seed spread."""
+
+from __future__ import annotations
+
+import re
+
+from benchmarks.distill_quality import (
+    QualityConfig,
+    entries,
+    table,
+    target_lines,
+    wall_line,
+)
+from socratic.stats import wilson_interval
+
+# check_targets.py's own pattern (../shared/tools): NAME: VALUE (target OP THRESHOLD: VERDICT)
+TARGET = re.compile(
+    r"^\s*(?P<name>.*):\s*(?P<value>[-+]?[0-9]*\.?[0-9]+)\s*(?P<unit>%|x|ms|s)?\s*"
+    r"\(target\s*(?P<op>>=|<=|>|<|=)\s*(?P<thr>[-+]?[0-9]*\.?[0-9]+)\s*(%|x|ms|s)?\s*:\s*"
+    r"(?P<verdict>MET|MISSED|NOT MET)\)\s*$"
+)
+
+
+def _row(method: str, correct: int, calculator: bool | None = True) -> dict:
+    return {"method": method, "calculator": calculator, "correct": correct, "problems": 100,
+            "accuracy": float(correct), "ci95": list(wilson_interval(correct, 100)),
+            "tokens_per_problem": 50.0}  # fmt: skip
+
+
+def _evals(pair: int, split: int, unified: int, cot: int, longer: int) -> dict:
+    return {
+        "in-length": {"problems": 100, "results": [
+            _row("iterative", pair), _row("iterative-split", split), _row("unified", unified),
+            _row("cot", cot), _row("answer", 5, None)]},
+        "longer": {"problems": 100, "results": [_row("iterative", longer), _row("cot", 1)]},
+    }  # fmt: skip
+
+
+def test_target_lines_compare_the_pair_with_the_best_one_model_method() -> None:
+    cfg = QualityConfig(budget="both")
+    assert [e.key for e in entries(cfg)] == ["iterative", "iterative-split", "unified", "cot",
+                                             "answer"]  # fmt: skip
+    lines, figures = target_lines(cfg, _evals(pair=92, split=50, unified=84, cot=96, longer=2))
+    lines.append(wall_line(916.4))
+    targets = {m["name"].strip(): m for line in lines if (m := TARGET.match(line))}
+    assert set(targets) == {
+        "Socratic, calculator on, in-length test",
+        "Socratic minus best one-model step-by-step method, equal budget per student, in points",
+        "Socratic, calculator on, longer test",
+        "run wall time",
+    }
+    gap = targets["Socratic minus best one-model step-by-step method, equal budget per student, "
+                  "in points"]  # fmt: skip
+    assert (float(gap["value"]), gap["verdict"]) == (-4.0, "MISSED")  # CoT is the best: 96
+    assert targets["Socratic, calculator on, in-length test"]["verdict"] == "MET"
+    assert targets["run wall time"]["verdict"] == "MISSED"
+    assert figures["best_one_model_method"] == "cot"
+    assert figures["socratic_per_method_minus_best_one_model_points"] == -46.0
+    # lines without a target never look like one to the dashboard
+    assert not [x for x in lines if "no target" in x and TARGET.match(x)]
+
+
+def test_the_table_shows_intervals_and_costs_per_budget_setting() -> None:
+    cfg = QualityConfig(budget="both", calculator="on")
+    costs = {"iterative": {"training_tokens": 3_000_000}, "unified": {"training_tokens": 1_500_000}}
+    md = table(cfg, _evals(pair=92, split=50, unified=84, cot=96, longer=2), costs)
+    pair = next(x for x in md.splitlines() if "budget per student" in x)
+    assert "92.0 [85.0, 95.9] (92/100)" in pair and "3.00 M" in pair and "| 50 |" in pair
+    assert any("budget per method" in x and "50.0 [40.4, 59.6]" in x for x in md.splitlines())
+
+
+def test_seeds_are_read_once_and_a_bad_list_is_refused() -> None:
+    import pytest
+
+    assert QualityConfig(seed=3).seed_list == [3]
+    assert QualityConfig(seeds="0, 1,2").seed_list == [0, 1, 2]
+    with pytest.raises(ValueError, match="--seeds: expected comma-separated integers"):
+        QualityConfig(seeds="0,one").seed_list  # noqa: B018
