@@ -482,19 +482,21 @@ def diagnose_pairs(
     from socratic.diagnose import score_decomposer, score_solver
     from socratic.generate import Generator
 
+    device = None if cfg.use_gpu else "cpu"
     out: dict[str, dict] = {}
     for entry in (e for e in entries(cfg) if e.method == "iterative"):
         folder = cfg.out / entry.students
+        dec = Generator(folder / "decomposer", device=device)  # loaded once, every split
+        sol = Generator(folder / "solver", device=device)
         out[entry.key] = {}
         for name, split in split_names(cfg).items():
             ps = [p for p in problems[split] if p.steps]
             n_new = new_tokens_needed(cfg, ps, base, "iterative")
-            dec = Generator(folder / "decomposer", max_new_tokens=n_new, device="cpu"
-                            if not cfg.use_gpu else None)  # fmt: skip
-            sol = Generator(folder / "solver", max_new_tokens=n_new, device=dec.device)
             out[entry.key][name] = {
-                "solver": score_solver(ps, partial(sol.complete, calculator=True)),
-                "decomposer": score_decomposer(ps, dec.complete),
+                "solver": score_solver(
+                    ps, partial(sol.complete, max_new_tokens=n_new, calculator=True)
+                ),
+                "decomposer": score_decomposer(ps, partial(dec.complete, max_new_tokens=n_new)),
             }
     return out
 
@@ -866,8 +868,22 @@ SWEEP: dict[str, Any] = {
         "mask_calculator_results": not c.mask_calculator_results},
     "deeper, same parameters (6 x 96)": lambda c: {"n_layer": 6, "n_embd": 96},
     "500 training problems": lambda c: {"dataset_config": with_arith(c, n_train=500)},
+    "2000 training problems": lambda c: {"dataset_config": with_arith(c, n_train=2000)},
     "8000 training problems": lambda c: {"dataset_config": with_arith(c, n_train=8000)},
 }  # fmt: skip
+
+
+def same_run(a: QualityConfig, b: QualityConfig) -> bool:
+    """Whether two configs train and score the same thing (arith knobs compared as parsed, so
+    `n_train=8000` and `n_train=8000,n_train=8000` are one run): a lever that sets what the
+    recipe already has is not run twice."""
+    from socratic.arith import ArithConfig
+
+    if a.dataset == b.dataset == "arith":
+        if ArithConfig.parse(a.dataset_config) != ArithConfig.parse(b.dataset_config):
+            return False
+        a = replace(a, dataset_config=b.dataset_config)
+    return a == b
 
 
 def run_sweep(cfg: QualityConfig) -> dict[str, Any]:
@@ -875,13 +891,16 @@ def run_sweep(cfg: QualityConfig) -> dict[str, Any]:
     each run under OUTPUT/sweep/N. One row per lever: in-length and longer accuracy, and each
     student alone."""
     t0 = time.perf_counter()
+    recipe = replace(cfg, methods="iterative", budget="per-student", untrained=False,
+                     calculator="on", sweep=False, json=None)  # fmt: skip
     rows = []
     for i, (name, change) in enumerate(SWEEP.items()):
         if cfg.dataset != "arith" and "dataset_config" in change(cfg):
             continue
-        sub = replace(cfg, **change(cfg), methods="iterative", budget="per-student",
-                      untrained=False, calculator="on", sweep=False, json=None,
-                      output=str(cfg.out / "sweep" / str(i)))  # fmt: skip
+        sub = replace(recipe, **change(cfg), output=str(cfg.out / "sweep" / str(i)))
+        if i and same_run(replace(sub, output=recipe.output), recipe):
+            say(f"== sweep {i}: {name}: the recipe's own setting, not run again ==")
+            continue
         say(f"== sweep {i}: {name} ==")
         r = run(sub)
         diag = r["diagnostics"]["iterative"]["in-length"]

@@ -76,3 +76,16 @@ def test_seeds_are_read_once_and_a_bad_list_is_refused() -> None:
     assert QualityConfig(seeds="0, 1,2").seed_list == [0, 1, 2]
     with pytest.raises(ValueError, match="--seeds: expected comma-separated integers"):
         QualityConfig(seeds="0,one").seed_list  # noqa: B018
+
+
+def test_a_sweep_lever_that_sets_the_recipe_s_own_value_is_the_same_run() -> None:
+    from dataclasses import replace
+
+    from benchmarks.distill_quality import SWEEP, same_run
+
+    cfg = QualityConfig()  # trains on 8 000 problems by default
+    for name, same in (("8000 training problems", True), ("2000 training problems", False),
+                       ("500 training problems", False), ("recipe", True),
+                       ("deeper, same parameters (6 x 96)", False)):  # fmt: skip
+        assert same_run(replace(cfg, **SWEEP[name](cfg)), cfg) is same, name
+    assert same_run(replace(cfg, dataset_config="n_train=8000,n_train=8000"), cfg)

@@ -344,7 +344,7 @@ def calculator_result_tokens(text: str, offsets: Sequence[tuple[int, int]]) -> l
 
 
 def _add_example(
-    out: TokenizedSet, p: Piece, t: list[int], max_length: int, min_prompt_tokens: int
+    out: TokenizedSet, p: Piece, t: Piece, max_length: int, min_prompt_tokens: int
 ) -> None:
     """One prompt + target (EOS included), its prompt cut to fit (`bound_prompt`) or the pair
     dropped."""
@@ -355,11 +355,7 @@ def _add_example(
             return
         p, _ = bound_prompt(p, p.line_ends, room)
         out.truncated += 1
-    _append(out, [*p, *t], [IGNORE_INDEX] * len(p) + _labels(t))
-
-
-def _labels(t: list[int]) -> list[int]:
-    return t.labels() if isinstance(t, Piece) else list(t)
+    _append(out, [*p, *t], [IGNORE_INDEX] * len(p) + t.labels())
 
 
 def _append(out: TokenizedSet, ids: list[int], labels: list[int]) -> None:
@@ -371,8 +367,8 @@ def _append(out: TokenizedSet, ids: list[int], labels: list[int]) -> None:
 
 def _add_packed(
     out: TokenizedSet,
-    contexts: list[list[int]],
-    targets: list[list[int]],
+    contexts: list[Piece],
+    targets: list[Piece],
     eos: int,
     max_length: int,
     min_prompt_tokens: int,
@@ -400,12 +396,12 @@ def _add_packed(
             k += 1
             continue
         ids = prefixes[k] + targets[k]
-        labels = [IGNORE_INDEX] * len(prefixes[k]) + _labels(targets[k])
+        labels = [IGNORE_INDEX] * len(prefixes[k]) + targets[k].labels()
         k += 1
         while k < n and len(ids) + len(contexts[k]) + len(targets[k]) + 1 <= max_length:
             c, t = contexts[k], targets[k]
             ids += c + t
-            labels += [eos] + [IGNORE_INDEX] * (len(c) - 1) + _labels(t)
+            labels += [eos] + [IGNORE_INDEX] * (len(c) - 1) + t.labels()
             k += 1
         _append(out, [*ids, eos], [*labels, eos])
     out.split += len(out.input_ids) - before > 1
