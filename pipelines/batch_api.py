@@ -4,7 +4,7 @@ The requests are the ones the online path sends (`Prompt.messages`, `--temperatu
 `--max-tokens`; the same cache keys, so a batch row and an online row of one problem-sample are
 the same row), written as JSONL, uploaded through the files API and run as batches at the
 provider's batch price. The driver polls them and turns every output or error line into the row
-the online path would write, judged by the same function (`annotate.teacher_row`). It is a
+the online path would write, judged by the same function (`judging.teacher_row`). It is a
 handful of HTTP calls and the judging, so it runs in the driver: no Ray actors.
 
 Everything about one batch lives under `<output>/_batches/<name>.*`, on the output's filesystem:
@@ -60,15 +60,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from pipelines.annotate import (
-    AnnotateConfig,
-    _actor_api_key,
-    _write_atomically,
-    teacher_row,
-    token_counter,
-)
+from pipelines.annotate_config import AnnotateConfig
+from pipelines.annotator import actor_api_key
+from pipelines.judging import teacher_row
 from pipelines.keys import KeySet
+from pipelines.output import write_atomically
 from pipelines.prompting import Prompt
+from pipelines.spend import token_counter
 from pipelines.teacher_client import (
     CallResult,
     FatalTeacherError,
@@ -455,7 +453,7 @@ class BatchRunner:
 
             self._client = openai.OpenAI(
                 base_url=self.cfg.base_url,
-                api_key=_actor_api_key(self.cfg).get(),
+                api_key=actor_api_key(self.cfg).get(),
                 max_retries=0,  # ours, counted and backed off (`_call`)
                 timeout=self.cfg.timeout,
             )
@@ -735,7 +733,7 @@ class BatchRunner:
         def flush() -> None:
             nonlocal part, rows
             path = posixpath.join(store.root, f"batch-{rec.name}-{part:05d}.parquet")
-            _write_atomically(store.fs, annotation_table(rows), path)
+            write_atomically(store.fs, annotation_table(rows), path)
             part, rows = part + 1, []
 
         files = [(batch.output_file_id, ".output.jsonl"), (batch.error_file_id, ".error.jsonl")]

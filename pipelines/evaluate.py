@@ -54,7 +54,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.annotate import output_fs, parquet_files
+from pipelines.journal import output_fs
+from pipelines.output import parquet_files
 from socratic.adapters import DATASETS, DatasetSpec, load_problems
 from socratic.answers import answers_match, extract_answer
 from socratic.config import option, parse_config

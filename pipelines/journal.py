@@ -4,7 +4,7 @@ Ray Data writes a block's rows only once the whole block is done, so a `kill -9`
 every answer of the blocks in flight (about 80 of 400 in the issue #15 measurement) and the
 rerun paid for them again. Each actor therefore appends every finished row, as one JSON line,
 to its own file under `<output>/_journal/` before handing it on; the next run compacts the
-journal into ordinary Parquet (`prepare_output` in `annotate.py`) and resumes from it like any
+journal into ordinary Parquet (`prepare_output` in `output.py`) and resumes from it like any
 other finished row. A successful run deletes the journal once its rows are in Parquet.
 
 On a local disk each row is written and flushed at once (one `write(2)`: it survives the

@@ -479,17 +479,17 @@ def test_an_output_written_before_the_newer_columns_resumes_and_trains(ray_clust
 def test_the_summary_counts_the_same_whatever_it_reads_at_once(ray_cluster, teacher, tmp_path):
     """`summarize` reads the output a group of files at a time (driver memory); a rerun that
     reads one file at a time must count exactly what one read of everything counts."""
-    from pipelines import annotate
+    from pipelines import summary  # where `summarize` reads the constant, so patch it there
 
     cfg = _cfg(tmp_path, teacher, samples=2, temperature=0.7, max_in_flight=4)
     first = run(cfg)
     assert len(list(Path(cfg.output).rglob("*.parquet"))) > 1
     whole = run(cfg)  # a rerun: every row resumed, nothing called
-    group, annotate.SUMMARY_GROUP_ROWS = annotate.SUMMARY_GROUP_ROWS, 1
+    group, summary.SUMMARY_GROUP_ROWS = summary.SUMMARY_GROUP_ROWS, 1
     try:
         piecewise = run(cfg)
     finally:
-        annotate.SUMMARY_GROUP_ROWS = group
+        summary.SUMMARY_GROUP_ROWS = group
     volatile = {"wall_s", "rows_per_s", "estimate", "warnings"}
     assert {k: v for k, v in piecewise.items() if k not in volatile} == {
         k: v for k, v in whole.items() if k not in volatile
