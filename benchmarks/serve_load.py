@@ -6,12 +6,13 @@
 
 What it does, in one process and one local Ray cluster (started once):
 
-1. Builds a tiny GPT-2 student offline (the tokenizer of `tests.support.tiny_model`, trained on
-   the bundled sample's prompts; `--n-layer`/`--n-embd`/`--n-head` size it) or takes
-   `--model-dir`. The same model serves as decomposer and as solver. It is untrained and writes
-   nonsense, so the decomposition usually parses to nothing and the loop falls back to the
-   problem's own question (one solver call): every row reports model calls per request, read
-   from the replicas' own `stats()`, so the figures can be set against a trained student's.
+1. Builds a tiny GPT-2 student offline (`trainers.scratch.build_student` at the tests' size,
+   its tokenizer trained on the bundled sample's prompts; `--n-layer`/`--n-embd`/`--n-head`
+   size it) or takes `--model-dir`. The same model serves as decomposer and as solver. It is
+   untrained and writes nonsense, so the decomposition usually parses to nothing and the loop
+   falls back to the problem's own question (one solver call): every row reports model calls
+   per request, read from the replicas' own `stats()`, so the figures can be set against a
+   trained student's.
 2. Serves the app on 127.0.0.1 (`serve.app.build_app`: `StudentModel` as Decomposer and as
    Solver, and `Ingress`, each with `num_replicas=1`: the same capacity in both configurations,
    no autoscaling) with `max_batch_size=--max-batch-size` (batching on); later deletes it and
@@ -639,15 +640,17 @@ def main(argv: list[str] | None = None) -> int:
     problems = [p.question for p in load_problems(DatasetSpec("sample", split="all"))]
     with contextlib.ExitStack() as stack:
         if args.model_dir is None:
-            from tests.support.tiny_model import build_tiny_model, sample_texts
+            from trainers.scratch import build_student, sample_texts
 
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="serve-load-")))
-            model_dir = build_tiny_model(
+            model_dir = build_student(  # the tests' tiny model at the benchmark's size
                 tmp / "student",
                 sample_texts(),
                 n_layer=args.n_layer,
                 n_embd=args.n_embd,
                 n_head=args.n_head,
+                vocab_size=600,
+                split_digits=False,
             )
         else:
             model_dir = args.model_dir

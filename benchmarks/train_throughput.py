@@ -11,7 +11,7 @@ What it does, in one process and one local Ray cluster (started once, reused by 
    with their gold sub-questions written as accepted annotation rows (`annotation_row`, as
    `tests/test_train.py` does), i.e. exactly what `pipelines/annotate.py --mode gold` writes.
 2. Model: a fresh GPT-2 (`--n-layer`, `--n-embd`) with a byte-level BPE tokenizer trained on the
-   problems' formatted texts (`tests.support.tiny_model.build_tokenizer`), saved as a plain HF dir.
+   problems' formatted texts (`trainers.scratch.build_tokenizer`), saved as a plain HF dir.
    Every run below starts from these same weights.
 3. Ray Train + DeepSpeed: `trainers.train.run` for `--role` with 2 workers of 1 CPU, ZeRO-2,
    micro batch `--micro-batch-size` m, grad_accum 1, `--steps` steps. tokens/s = the run's
@@ -146,9 +146,9 @@ def build_model(out: Path, texts: list[str], args: argparse.Namespace) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from tests.support.tiny_model import build_tokenizer
+    from trainers.scratch import build_tokenizer
 
-    tokenizer = build_tokenizer(texts, vocab_size=args.vocab_size)
+    tokenizer = build_tokenizer(texts, vocab_size=args.vocab_size, split_digits=False)
     config = GPT2Config(
         vocab_size=len(tokenizer),
         n_positions=max(512, args.max_length),

@@ -21,8 +21,9 @@ Stages, each the project's real code on one local Ray cluster:
 6. learn: tiny students that do learn. Llama-style students from scratch (a tokenizer trained
    on the data) train on gold decompositions of generated `arith` word problems
    (`socratic/arith.py`) with the same annotate -> train -> evaluate stages, next to an
-   answer-only student and the untrained start weights: `benchmarks/distill_quality.py` at
-   demo size, ending with its accuracy table and a PNG of accuracy by number of operations.
+   answer-only student and the untrained start weights: `pipelines/quality.py` (the study
+   `benchmarks/distill_quality.py` runs) at demo size, ending with its accuracy table and a
+   PNG of accuracy by number of operations.
 
 Stages 1-5 show the real teacher and the real model plumbing on a 135M model; a few training
 steps on a handful of problems teach it the format, not arithmetic, so read their table as "the
@@ -46,9 +47,9 @@ from typing import Any
 if __package__ in (None, ""):  # `python pipelines/demo.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.distill_quality import QualityConfig, quiet_console, say
-from benchmarks.distill_quality import run as quality_run
 from pipelines import annotate, evaluate
+from pipelines.quality import QualityConfig, quiet_console, say
+from pipelines.quality import run as quality_run
 from socratic.adapters import DatasetSpec, load_problems
 from socratic.config import option, parse_config
 
@@ -346,7 +347,8 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
 
 
 def arith_config(cfg: DemoConfig) -> QualityConfig:
-    """Stage 6 as `benchmarks/distill_quality.py` runs it, sized for the demo."""
+    """Stage 6 as `benchmarks/distill_quality.py` runs it (`pipelines/quality.py`), sized for the
+    demo."""
     return QualityConfig(
         dataset="arith",
         dataset_config=cfg.arith_config,

@@ -1,5 +1,8 @@
 """Distillation quality: every method's students trained on the same problems, then scored.
 
+The study behind `make demo`'s stage 6 and `benchmarks/distill_quality.py` (its command line,
+kept there so benchmarks are found in one folder; the demo may not import `benchmarks/`):
+
     .venv/bin/python benchmarks/distill_quality.py --seed 0 --json outputs/bench/quality.json
     .venv/bin/python benchmarks/distill_quality.py --seeds 0,1,2       # mean and spread
     .venv/bin/python benchmarks/distill_quality.py --sweep             # the pair's levers
@@ -87,7 +90,7 @@ from socratic.formats import Example, examples_for  # noqa: E402
 from socratic.stats import mean_spread, wilson_interval  # noqa: E402
 from trainers.data import tokenize  # noqa: E402
 
-log = logging.getLogger("distill_quality")
+log = logging.getLogger("distill_quality")  # the benchmark's name, as in its logs
 
 METHOD_ROLES = {
     "iterative": ("decomposer", "solver"),
@@ -963,6 +966,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from benchmarks.distill_quality import main as _main
+    from pipelines.quality import main as _main
 
     sys.exit(_main())

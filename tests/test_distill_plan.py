@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.distill_quality import QualityConfig, plan_steps, problems_of, train_examples
+from pipelines.quality import QualityConfig, plan_steps, problems_of, train_examples
 from trainers.data import build_examples, tokenize
 from trainers.scratch import build_student
 

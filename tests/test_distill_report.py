@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from benchmarks.distill_quality import (
+from pipelines.quality import (
     QualityConfig,
     entries,
     table,
@@ -81,7 +81,7 @@ def test_seeds_are_read_once_and_a_bad_list_is_refused() -> None:
 def test_a_sweep_lever_that_sets_the_recipe_s_own_value_is_the_same_run() -> None:
     from dataclasses import replace
 
-    from benchmarks.distill_quality import SWEEP, same_run
+    from pipelines.quality import SWEEP, same_run
 
     cfg = QualityConfig()  # trains on 8 000 problems by default
     for name, same in (("8000 training problems", True), ("2000 training problems", False),

@@ -21,17 +21,21 @@ EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 
 
-def build_tokenizer(texts: Iterable[str], vocab_size: int = 4000) -> Any:
-    """A transformers tokenizer with one token per word, digit and symbol run of `texts`."""
+def build_tokenizer(
+    texts: Iterable[str], vocab_size: int = 4000, *, split_digits: bool = True
+) -> Any:
+    """A transformers tokenizer with one token per word, digit and symbol run of `texts`.
+    `split_digits` False is plain GPT-2 byte-level BPE (merges across digits): the tests' tiny
+    models, whose expected outputs were recorded with it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits
+        else byte_level
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -59,13 +63,16 @@ def build_student(
     n_positions: int = 512,
     seed: int = 0,
     arch: str = "gpt2",
+    vocab_size: int = 4000,
+    split_digits: bool = True,
 ) -> Path:
     """Save a freshly initialised student and its data-trained tokenizer under `out_dir`.
 
     `arch` "gpt2" is the paper's family (learned absolute positions); "llama" has rotary
     positions, RMSNorm and a gated MLP (4 x width) at the same width and depth. Dropout is off:
     these students see each problem a few times at most, and the trainer may not switch the
-    model to train mode (`from_pretrained` loads it in eval mode)."""
+    model to train mode (`from_pretrained` loads it in eval mode). The tests' and benchmarks'
+    tiny models are this builder at their own sizes (`tests/support/tiny_model.py`)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -73,7 +80,7 @@ def build_student(
         raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(texts)
+    tokenizer = build_tokenizer(texts, vocab_size, split_digits=split_digits)
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
     torch.manual_seed(seed)
@@ -109,3 +116,19 @@ def build_student(
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def sample_texts() -> list[str]:
+    """Every role's prompt + target for the bundled sample: the vocabulary a tiny model built
+    for tests, benchmarks or a smoke run will see."""
+    from socratic.adapters import DatasetSpec, load_problems
+    from socratic.formats import ROLES, examples_for
+
+    texts = []
+    for p in load_problems(DatasetSpec("sample", split="all")):
+        for role in ROLES:
+            for ex in examples_for(
+                role, problem=p.question, steps=p.steps, solution=p.solution, answer=p.answer
+            ):
+                texts.append(ex.prompt + ex.target)
+    return texts
