@@ -3,8 +3,9 @@
 Two fits share every assertion (each costs ~16 s of Ray Train start-up): run A trains the
 decomposer 8 steps with a held-out eval set and exports its best checkpoint; run B resumes from
 A's step-4 checkpoint and must end with exactly A's step-8 weights (the tiny student has dropout
-on, so this also proves the RNG state came back). Resuming from a checkpoint with a file
-removed must fail with a message that names the checkpoint.
+on, so this also proves the RNG state came back, and that the checks of the first step draw no
+random numbers). Resuming from a checkpoint with a file removed must fail with a message that
+names the checkpoint; resuming with another `--max-length` must fail naming it, on the driver.
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ import pytest
 from socratic.adapters import DatasetSpec, load_problems
 from tests.support.annotations import write_gold_annotations
 from trainers.config import TrainConfig
-from trainers.export import CURVES_FILE, HISTORY_FILE, PROVENANCE_FILE, STATE_FILE
+from trainers.export import (
+    CURVES_FILE,
+    FINGERPRINT_FILE,
+    HISTORY_FILE,
+    PROVENANCE_FILE,
+    STATE_FILE,
+)
 from trainers.train import run
 
 pytestmark = pytest.mark.slow
@@ -139,3 +146,20 @@ def test_resume_from_an_incomplete_checkpoint_fails_naming_it(runs, tmp_path, ca
         resume(None, ray.train.Checkpoint(str(broken)), cfg, rank=0, world=2)
     with pytest.raises(CheckpointError, match="different data order or world"):
         resume(None, ray.train.Checkpoint(str(runs["checkpoints"][4])), cfg, rank=0, world=3)
+
+
+def test_checkpoints_carry_a_fingerprint_and_a_changed_one_is_refused(runs, capsys) -> None:
+    """Run B resumed (same data and settings) past the check; another --max-length would train
+    on other sequences, and the driver refuses it before any worker starts."""
+    cfg, step4 = runs["cfg_a"], runs["checkpoints"][4]
+    fp = json.loads((step4 / FINGERPRINT_FILE).read_text())
+    assert fp["role"] == "decomposer" and fp["max_length"] == 256 and fp["solver_examples"] is None
+    assert fp["data"]["rows"] > 0 and fp["tokenizer"]["vocab_size"] > 0 and fp["sequences"]
+    from trainers.train import main
+
+    args = ["--data", cfg.data, "--base-model", cfg.base_model, "--roles", "decomposer",
+            "--eval-fraction", "0.25", "--resume-from", str(step4)]  # fmt: skip
+    code = main([*args, "--max-length", "128"])
+    err = capsys.readouterr().err
+    assert code == 2 and str(step4) in err and "--max-length: 256 -> 128" in err, err
+    assert "training data" not in err and "tokenizer" not in err, err  # only what changed

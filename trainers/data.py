@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import random
 import re
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ from socratic.records import (
 
 IGNORE_INDEX = -100  # the label torch's cross-entropy (and every HF causal LM) skips
 MEGA_BATCH_FACTOR = 50  # batches per length-sorted window, as in HF's LengthGroupedSampler
+BOUNDARY_CHECK_EXAMPLES = 8  # examples whose pieces `tokenize` re-encodes joined, once per set
 
 # --- reading annotation Parquet -----------------------------------------------------------------
 
@@ -254,11 +256,13 @@ def tokenize(
     *,
     min_prompt_tokens: int = 8,
     mask_calculator_results: bool = False,
+    check_boundaries: int = BOUNDARY_CHECK_EXAMPLES,
 ) -> TokenizedSet:
     """Token ids and loss labels of `examples`: prompt + target + EOS, at most `max_length`.
 
     Prompt and target are encoded apart (no special tokens), which equals encoding them joined
-    because every prompt ends in a newline (see `socratic.formats`); apart, the boundary is known
+    because every prompt ends in a newline (see `socratic.formats`) - for byte-level BPEs; the
+    first examples are checked (`check_token_boundaries`). Apart, the boundary is known
     exactly. A sequence that is too long loses prompt tokens by the rule the Generator serves
     with (`socratic.generate.bound_prompt`): the problem line and the last lines (the
     sub-question being answered) stay, the oldest steps between them go; only a problem line
@@ -275,6 +279,9 @@ def tokenize(
     (the result and `>>` after `<<expr=`, `socratic.generate.CalculatorForcing`): the student
     never has to write them, and learning to predict them is learning arithmetic. The tokens
     stay in the input, so what follows a span still learns to copy its result.
+
+    The first `check_boundaries` examples are encoded joined too (`check_token_boundaries`),
+    and a tokenizer for which that differs from the pieces gets a `TokenBoundaryWarning`.
     """
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -289,7 +296,10 @@ def tokenize(
         for ex in examples
         for piece in (ex.pieces if isinstance(ex, SolverSequence) else (ex.prompt, ex.target))
     ]
-    ids = iter(_encode(tokenizer, texts, forced=mask_calculator_results))
+    encoded = _encode(tokenizer, texts, forced=mask_calculator_results)
+    if check_boundaries > 0:
+        check_token_boundaries(tokenizer, examples, encoded, limit=check_boundaries)
+    ids = iter(encoded)
     out = TokenizedSet([], [], 0, 0, 0, 0, 0)
     for ex in examples:
         if isinstance(ex, SolverSequence):
@@ -300,6 +310,79 @@ def tokenize(
             p, t = next(ids), next(ids)
             _add_example(out, p, t + [eos], max_length, min_prompt_tokens)
     return out
+
+
+class TokenBoundaryWarning(UserWarning):
+    """A tokenizer for which a prompt and its target encoded apart are not the tokens of the two
+    encoded as one text (see `check_token_boundaries`)."""
+
+
+def check_token_boundaries(
+    tokenizer: Any,
+    examples: Sequence[Example | SolverSequence],
+    encoded: Sequence[Sequence[int]],
+    *,
+    limit: int = BOUNDARY_CHECK_EXAMPLES,
+) -> list[str]:
+    """Warn (once per call) if encoding the first `limit` examples' pieces apart does not give
+    the tokens of their joined text; returns one line per such example.
+
+    TRL checks the same for its SFT data ("Mismatch between tokenized prompt and the start of
+    tokenized prompt+completion"), because it masks the prompt by the length of the prompt
+    encoded alone. `tokenize` does not rely on the property for its labels: prompt and target
+    are encoded apart and concatenated, so the prompt/target boundary, and with it the loss
+    mask, is exact whatever the tokenizer does. Hence a warning, not an error. What breaks is
+    agreement with inference: serving encodes a whole solver prompt (problem and earlier steps)
+    as one text, while the packed solver trains on its pieces encoded apart; and a target's
+    first tokens (`enc(target)`) may be ones the model never sees after that prompt at
+    inference (a SentencePiece tokenizer's dummy prefix "▁"). `socratic.formats` ends every
+    prompt in a newline so that the pieces meet where byte-level BPEs (GPT-2, SmolLM2) cut
+    anyway. The first line says whether the prompt's tokens are even a prefix of the joined
+    text's (TRL's check); otherwise the pieces differ further on.
+    """
+    ends = []  # per example: (index of its first piece in `encoded`, number of pieces)
+    at = 0
+    for ex in examples:
+        n = len(ex.pieces) if isinstance(ex, SolverSequence) else 2
+        ends.append((at, n))
+        at += n
+    picked = list(zip(examples, ends, strict=True))[:limit]
+    if not picked:
+        return []
+    joined = [
+        "".join(ex.pieces) if isinstance(ex, SolverSequence) else ex.prompt + ex.target
+        for ex, _ in picked
+    ]
+    together = tokenizer(joined, add_special_tokens=False)["input_ids"]
+    problems = []
+    for (_, (start, n)), text, whole in zip(picked, joined, together, strict=True):
+        pieces = [list(encoded[start + j]) for j in range(n)]
+        apart = [t for p in pieces for t in p]
+        if list(whole) == apart:
+            continue
+        prompt = pieces[0]
+        if list(whole[: len(prompt)]) != prompt:
+            what = "the prompt's tokens are not a prefix of the tokens of prompt + target"
+        else:
+            what = "prompt + target encoded as one text differ from the pieces encoded apart"
+        common = zip(whole, apart, strict=False)  # may differ in length
+        i = next((k for k, (a, b) in enumerate(common) if a != b), min(len(whole), len(apart)))
+        show = tokenizer.convert_ids_to_tokens
+        problems.append(
+            f"{what}: {text[:60]!r}...: joined {show(list(whole[i : i + 3]))} "
+            f"vs apart {show(apart[i : i + 3])} at token {i}"
+        )
+    if problems:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        warnings.warn(
+            f"tokenizer {name}: {len(problems)} of the first {len(picked)} examples tokenise "
+            f"differently apart than joined; e.g. {problems[0]}. Labels stay exact (pieces are "
+            "encoded apart), but the student trains on token sequences that encoding the same "
+            "text at inference does not give (packed solver contexts, a target's first tokens)",
+            TokenBoundaryWarning,
+            stacklevel=3,
+        )
+    return problems
 
 
 class Piece(list):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 STATE_FILE = "socratic_state.json"
+FINGERPRINT_FILE = "fingerprint.json"  # what a checkpoint was trained on (trainers.loop)
 HISTORY_FILE = "history.json"
 PROVENANCE_FILE = "provenance.json"
 CURVES_FILE = "loss_curves.png"

@@ -6,17 +6,21 @@ resume, then the loop of step, log, evaluate and checkpoint. A "step" is one opt
 The data order is a pure function of (seed, epoch), so a resumed run skips exactly the
 micro-batches it had trained on; optimizer and scheduler state come from the DeepSpeed
 checkpoint and the RNG state of every rank from beside it, so a resumed run continues as the
-uninterrupted run would have (dropout masks included).
+uninterrupted run would have (dropout masks included). Beside them lies a fingerprint of what
+the run trained on (`run_fingerprint`: data, `max_length`, solver form, tokenizer, the token
+sequences themselves); a resume where any of it changed is refused, naming what changed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
 import tempfile
 import time
-from collections.abc import Iterator
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +36,7 @@ from trainers.data import (
     shard,
 )
 from trainers.data import tokenize as tokenize_examples
-from trainers.export import HISTORY_FILE, STATE_FILE
+from trainers.export import FINGERPRINT_FILE, HISTORY_FILE, STATE_FILE
 from trainers.holdout import split_by_problem, without_problems
 from trainers.step import StepStats, all_reduce_sum, eval_share, evaluate, train_step
 
@@ -79,6 +83,7 @@ class RoleData:
     train_problems: int
     eval_problems: int
     unbuildable: int
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # `run_fingerprint` of the run
 
 
 def split_rows(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
@@ -117,6 +122,7 @@ def load_data(job: RoleJob, tokenizer: Any) -> RoleData:
             tokenizer,
             cfg.max_length,
             mask_calculator_results=mask,
+            check_boundaries=0,  # the training set's check speaks for the tokenizer
         )
         if not len(held):
             raise ValueError(f"{job.role}: the held-out problems give no eval examples")
@@ -126,6 +132,7 @@ def load_data(job: RoleJob, tokenizer: Any) -> RoleData:
         len({r["id"] for r in train_rows}),
         len({r["id"] for r in eval_rows}),
         built.skipped,
+        run_fingerprint(cfg, job.role, train_rows, tokenizer, train=train),
     )
 
 
@@ -160,6 +167,173 @@ def eval_batches(data: TokenizedSet, cfg: TrainConfig, pad_id: int, rank: int, w
     order = batches(data.lengths, cfg.micro_batch_size, seed=cfg.seed, epoch=0)
     mine, counted = eval_share(len(order), rank, world)
     return [collate([data[i] for i in order[j]], pad_id) for j in mine], counted
+
+
+def load_tokenizer(base_model: str) -> Any:
+    """The student's tokenizer as training uses it: a missing pad token becomes EOS."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# --- what a run trains on -------------------------------------------------------------------------
+
+# The row columns `trainers.data` formats a role's examples from, and the problem id that the
+# hold-out split and the data order key on. Bookkeeping columns (costs, attempts, cache keys)
+# cannot change what a student learns, and a column added to the schema later must not make
+# every old checkpoint look stale.
+DATA_COLUMNS = ("id", "sample", "question", "answer", "steps", "style", "raw")
+# Digits, operators, a calculator span, spaces, newlines and non-ASCII: tokenizers that share a
+# vocabulary but split text differently (other merges, pre-tokenizer or normalizer) differ here.
+TOKENIZER_PROBE = (
+    "Q1: How many clips did Natalia sell in May?\nA1: 48 / 2 = <<48/2=24>>24 clips.\n"
+    "  3.5% of $1,250 is 43.75 -- naïve café ÷ 7 ≈ 6\tend\n\n"
+)
+# Fingerprint keys, in the order a refusal lists them, with the option a user would change.
+FINGERPRINT_FIELDS = {
+    "role": "role (--roles)",
+    "data": "training data (--data; and --eval-fraction / --eval-data, which take problems out)",
+    "max_length": "--max-length",
+    "solver_examples": "solver form (--solver-examples)",
+    "mask_calculator_results": "--mask-calculator-results",
+    "tokenizer": "tokenizer (--base-model)",
+}
+
+
+def data_fingerprint(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Row count and a sha256 over the training rows' `DATA_COLUMNS`, in order.
+
+    Content, not file names, sizes or times: a re-annotated or extended data set with the same
+    paths changes it, a copy of the same Parquet elsewhere does not. Order counts, since the
+    data order maps steps to example indices. Costs one JSON dump per row: 0.08 s for GSM8K's
+    7 473 train rows on this 2-core machine (the sequences' hash: 0.1 s for 1.8M tokens).
+    """
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps([r.get(c) for c in DATA_COLUMNS], sort_keys=True, default=str,
+                            ensure_ascii=False).encode())  # fmt: skip
+        h.update(b"\n")
+    return {"rows": len(rows), "sha256": h.hexdigest()}
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
+    """Name, size and a sha256 over the vocabulary (added tokens included), EOS and the ids of
+    `TOKENIZER_PROBE`. Two tokenizers are the same when size and hash are: the name is shown,
+    not compared, so a model dir that moved still resumes."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    probe = tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    blob = json.dumps({"vocab": vocab, "eos": tokenizer.eos_token_id, "probe": list(probe)})
+    return {
+        "name": str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__),
+        "vocab_size": len(tokenizer),
+        "sha256": hashlib.sha256(blob.encode()).hexdigest(),
+    }
+
+
+def sequences_fingerprint(data: TokenizedSet) -> dict[str, Any]:
+    """Count and sha256 of the token ids and labels training steps draw from."""
+    h = hashlib.sha256()
+    for ids, labels in zip(data.input_ids, data.labels, strict=True):
+        h.update(len(ids).to_bytes(8, "little"))
+        h.update(array("q", ids).tobytes())
+        h.update(array("q", labels).tobytes())
+    return {"count": len(data), "sha256": h.hexdigest()}
+
+
+def run_fingerprint(
+    cfg: TrainConfig,
+    role: str,
+    train_rows: Sequence[dict[str, Any]],
+    tokenizer: Any,
+    *,
+    train: TokenizedSet | None = None,
+    data: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What a checkpoint of `role` was trained on: `FINGERPRINT_FIELDS`, plus, on a worker
+    (`train` given), the hash of the token sequences themselves, which also catches what the
+    named fields cannot (a change in `socratic.formats` or in the tokenising code). The solver
+    form is recorded for the solver only: other roles' data does not depend on it. `data`
+    reuses a `data_fingerprint` already computed for the same rows."""
+    fp: dict[str, Any] = {
+        "version": 1,
+        "role": role,
+        "data": data or data_fingerprint(train_rows),
+        "max_length": cfg.max_length,
+        "solver_examples": cfg.solver_examples if role == "solver" else None,
+        "mask_calculator_results": cfg.mask_calculator_results,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    }
+    if train is not None:
+        fp["sequences"] = sequences_fingerprint(train)
+    return fp
+
+
+def _show(key: str, value: Any) -> str:
+    if not isinstance(value, dict):
+        return repr(value)
+    if key == "data":
+        return f"{value.get('rows')} rows, sha256 {str(value.get('sha256'))[:12]}"
+    if key == "tokenizer":
+        return (
+            f"{value.get('name')} ({value.get('vocab_size')} tokens, "
+            f"sha256 {str(value.get('sha256'))[:12]})"
+        )
+    return f"{value.get('count')} sequences, sha256 {str(value.get('sha256'))[:12]}"
+
+
+def fingerprint_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """One line per field of `now` that differs from `saved` (checkpoint -> now). Keys `now`
+    lacks are not compared (the driver has no token sequences). The sequences are named only
+    when no field explains them."""
+    changes = []
+    for key, label in FINGERPRINT_FIELDS.items():
+        if key not in now:
+            continue
+        old, new = saved.get(key), now[key]
+        if key == "tokenizer":
+            differs = not isinstance(old, dict) or any(
+                old.get(k) != new.get(k) for k in ("vocab_size", "sha256")
+            )
+        elif key == "data":
+            differs = not isinstance(old, dict) or old.get("sha256") != new.get("sha256")
+        else:
+            differs = old != new
+        if differs:
+            changes.append(f"{label}: {_show(key, old)} -> {_show(key, new)}")
+    if not changes and "sequences" in now and saved.get("sequences") != now["sequences"]:
+        changes.append(
+            f"token sequences: {_show('sequences', saved.get('sequences') or {})} -> "
+            f"{_show('sequences', now['sequences'])} (data, --max-length, solver form and "
+            "tokenizer are unchanged: the text formats or the tokenising code changed)"
+        )
+    return changes
+
+
+def check_fingerprint(
+    saved: dict[str, Any] | None, now: dict[str, Any], name: str, *, warn: bool = True
+) -> None:
+    """Refuse to resume checkpoint `name` (fingerprint `saved`) into a run whose fingerprint is
+    `now` if anything it trained on changed; a checkpoint written before fingerprints existed
+    (`saved` None) resumes, with a warning when `warn`."""
+    if saved is None:
+        if warn:
+            log.warning(
+                "checkpoint %s has no %s (written before fingerprints): resuming without "
+                "checking that its data, --max-length, solver form and tokenizer are this run's",
+                name, FINGERPRINT_FILE,
+            )  # fmt: skip
+        return
+    changes = fingerprint_changes(saved, now)
+    if changes:
+        raise CheckpointError(
+            f"checkpoint {name} was trained on something else; changed since "
+            "(checkpoint -> now):\n  " + "\n  ".join(changes) + "\nResume with the settings "
+            "and data it was written with, or start a fresh run: without --resume-from, under "
+            "a new --run-name or --storage-path (Ray Train resumes a run name's own checkpoints)"
+        )
 
 
 # --- engine ---------------------------------------------------------------------------------------
@@ -288,12 +462,22 @@ def check_checkpoint(path: str) -> None:
         )
 
 
-def resume(engine: Any, checkpoint: Any, cfg: TrainConfig, rank: int, world: int) -> TrainState:
+def resume(
+    engine: Any,
+    checkpoint: Any,
+    cfg: TrainConfig,
+    rank: int,
+    world: int,
+    fingerprint: dict[str, Any] | None = None,
+) -> TrainState:
     """Load `checkpoint` (a `ray.train.Checkpoint`) or fail with a message that names it.
 
     DeepSpeed's `load_checkpoint` returns (None, None) when it finds nothing and quietly keeps
     the fresh optimizer when shards are missing; a run would then restart from the base weights
-    at step N. So every file each rank wrote is checked against its manifest first.
+    at step N. So every file each rank wrote is checked against its manifest first. Nor does
+    it know what the weights were trained on: with `fingerprint` (this run's `run_fingerprint`)
+    a checkpoint whose data, `max_length`, solver form or tokenizer differ is refused
+    (`check_fingerprint`).
     """
     if checkpoint is None:
         return TrainState()
@@ -310,6 +494,10 @@ def resume(engine: Any, checkpoint: Any, cfg: TrainConfig, rank: int, world: int
                 f"checkpoint {name} was written with a different data order or world "
                 f"(checkpoint vs now: {diff}); resume with the same settings"
             )
+        if fingerprint is not None:
+            fp_file = Path(d) / FINGERPRINT_FILE
+            saved = json.loads(fp_file.read_text()) if fp_file.is_file() else None
+            check_fingerprint(saved, fingerprint, name, warn=rank == 0)
         missing = missing_files(d, world)
         if missing:
             raise CheckpointError(
@@ -363,9 +551,16 @@ def log_metrics(engine: Any, scheduler: Any, meter: Meter, state: TrainState, cf
     }
 
 
-def save_and_report(engine: Any, state: TrainState, metrics: dict, job: RoleJob, world: int):
+def save_and_report(
+    engine: Any,
+    state: TrainState,
+    metrics: dict,
+    job: RoleJob,
+    world: int,
+    fingerprint: dict[str, Any] | None = None,
+):
     """Every rank writes its ZeRO shards, RNG state and file manifest to a local dir; Ray Train
-    merges the ranks' dirs in storage."""
+    merges the ranks' dirs in storage. Rank 0 adds the state, history and `fingerprint`."""
     import ray.train
     import torch
 
@@ -381,6 +576,8 @@ def save_and_report(engine: Any, state: TrainState, metrics: dict, job: RoleJob,
                 "data_order": _data_order(job.cfg, world),
             }))  # fmt: skip
             Path(d, HISTORY_FILE).write_text(json.dumps(state.history))
+            if fingerprint is not None:
+                Path(d, FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=1))
         files = {str(f.relative_to(d)): f.stat().st_size for f in Path(d).rglob("*") if f.is_file()}
         (Path(d) / "manifest").mkdir()
         Path(d, "manifest", f"rank{rank}.json").write_text(json.dumps(files))
@@ -400,7 +597,6 @@ def train_worker(config: dict[str, Any]) -> None:
     import numpy as np
     import ray.train
     import torch
-    from transformers import AutoTokenizer
 
     from trainers.tracking import Tracker, open_tracker
 
@@ -420,9 +616,7 @@ def train_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
 
     # Data.
-    tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(cfg.base_model)
     data = load_data(job, tokenizer)
     epoch0 = batches(
         data.train.lengths, cfg.micro_batch_size, seed=cfg.seed, epoch=0,
@@ -436,7 +630,7 @@ def train_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and cfg.resume_from:
         checkpoint = ray.train.Checkpoint(cfg.resume_from)
-    state = resume(engine, checkpoint, cfg, rank, world)
+    state = resume(engine, checkpoint, cfg, rank, world, data.fingerprint)
     held, counted = (
         eval_batches(data.eval, cfg, tokenizer.pad_token_id, rank, world) if data.eval else ([], 0)
     )
@@ -489,7 +683,7 @@ def train_worker(config: dict[str, Any]) -> None:
         if checkpoint_now:
             metrics["train_s"] = time.perf_counter() - t_start
             tracker.sync()
-            save_and_report(engine, state, metrics, job, world)
+            save_and_report(engine, state, metrics, job, world, data.fingerprint)
         elif metrics:
             ray.train.report(metrics)
     tracker.close()

@@ -28,8 +28,18 @@ if __package__ in (None, ""):  # `python trainers/train.py`, as `ray job submit`
 from socratic.config import parse_config
 from trainers.config import TrainConfig
 from trainers.data import build_examples
-from trainers.export import export_to, provenance
-from trainers.loop import RoleJob, check_checkpoint, device_plan, split_rows, train_worker
+from trainers.export import FINGERPRINT_FILE, export_to, provenance
+from trainers.loop import (
+    RoleJob,
+    check_checkpoint,
+    check_fingerprint,
+    data_fingerprint,
+    device_plan,
+    load_tokenizer,
+    run_fingerprint,
+    split_rows,
+    train_worker,
+)
 from trainers.tracking import check_tracker
 
 log = logging.getLogger("train")
@@ -49,7 +59,8 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 def check_data(cfg: TrainConfig) -> dict[str, int]:
-    """Fail before any worker starts if the data cannot train every role (names the path)."""
+    """Fail before any worker starts if the data cannot train every role (names the path), or
+    differs from what a local `--resume-from` checkpoint was trained on (`check_resume`)."""
     rows, held = split_rows(cfg)
     counts = {}
     for role in cfg.role_list:
@@ -64,7 +75,25 @@ def check_data(cfg: TrainConfig) -> dict[str, int]:
         log.info(
             "eval loss on %d held-out problems (%d train)", n_held, len({r["id"] for r in rows})
         )
+    check_resume(cfg, rows)
     return counts
+
+
+def check_resume(cfg: TrainConfig, rows: list[dict[str, Any]]) -> None:
+    """On the driver: a local `--resume-from` trained on other data, `--max-length`, solver form
+    or tokenizer (for any of the roles) fails before any worker starts. Workers check again,
+    the token sequences too, and for URIs and Ray Train's own restores (`trainers.loop.resume`).
+    """
+    if not cfg.resume_from or "://" in cfg.resume_from:
+        return
+    f = Path(cfg.resume_from) / FINGERPRINT_FILE
+    if not f.is_file():
+        return  # an older checkpoint: the workers resume it with a warning
+    saved = json.loads(f.read_text())
+    tokenizer, data = load_tokenizer(cfg.base_model), data_fingerprint(rows)
+    for role in cfg.role_list:
+        now = run_fingerprint(cfg, role, rows, tokenizer, data=data)
+        check_fingerprint(saved, now, cfg.resume_from)
 
 
 def run_dir(cfg: TrainConfig, role: str) -> str:
