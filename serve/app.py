@@ -46,11 +46,7 @@ MAX_STEPS_LIMIT = 16
 ANSWER_KINDS = ("number", "yesno")
 log = logging.getLogger("ray.serve")
 
-__all__ = ["Ingress", "PlacementError", "PromptTooLong", "StudentModel", "build_app"]
-
-
-class PromptTooLong(ValueError):
-    """A prompt that does not fit the model's positions with room for its answer."""
+__all__ = ["Ingress", "PlacementError", "StudentModel", "build_app"]
 
 
 @serve.deployment(max_ongoing_requests=32)
@@ -59,9 +55,11 @@ class StudentModel:
 
     Batching is `serve.batching.GreedyBatcher`, not `@serve.batch`: Serve's batcher forms small
     batches under load and makes a lone call wait its timeout (see that module for the numbers).
-    A prompt that cannot fit the model's positions together with `max_new_tokens` is refused
-    with `PromptTooLong` before it joins a batch (the ingress answers 413), so one long prompt
-    never fails the batch it would have joined. With `num_gpus` the model runs on the GPU, in
+    A prompt longer than the model's positions leave room for is cut as offline evaluation
+    cuts it (`socratic.generate.bound_prompt`: the problem line and the newest steps stay), so
+    a problem that evaluation scores is answered the same over HTTP; the reply counts the cut
+    calls in `truncated`. Refusing instead (413, as before) failed the solver mid-solve, since
+    its prompt grows with every step. With `num_gpus` the model runs on the GPU, in
     bf16 unless `dtype` says otherwise. Batch sizes, queue waits and tokens go to
     `ray.serve.metrics` (Prometheus); `stats()` reads the same counts, bounded.
     """
@@ -90,7 +88,6 @@ class StudentModel:
         # The calculator runs inside decoding (socratic/generate.py), one setting per replica,
         # so a batch never mixes rows decoded with it and without it.
         self.calculator = calculator
-        self.max_positions = _max_positions(self.model.model.config)
         self.metrics = ModelMetrics()
         self.tokens = 0
         self.batcher = GreedyBatcher(
@@ -104,21 +101,9 @@ class StudentModel:
         self.metrics.tokens(sum(c.prompt_tokens for c in completions), n)
         return completions
 
-    def _check_length(self, prompt: str) -> None:
-        if self.max_positions is None:
-            return
-        n = len(self.model.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        if n + self.max_new_tokens > self.max_positions:
-            raise PromptTooLong(
-                f"the prompt is {n} tokens; this model takes at most "
-                f"{self.max_positions - self.max_new_tokens} ({self.max_positions} positions, "
-                f"{self.max_new_tokens} kept for the answer)"
-            )
-
     async def generate(self, prompt: str) -> Completion:
         """One prompt's completion (text, token counts, calculator counts); concurrent calls
         share one left-padded `generate`."""
-        self._check_length(prompt)
         return await self.batcher(prompt)
 
     def stats(self) -> dict[str, Any]:
@@ -134,14 +119,6 @@ class StudentModel:
     def reset_stats(self) -> None:
         self.batcher.size_counts.clear()
         self.tokens = 0
-
-
-def _max_positions(config: Any) -> int | None:
-    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 class ModelMetrics:
@@ -177,10 +154,19 @@ class ModelMetrics:
             self.generated.inc(generated)
 
 
-def failure(e: BaseException) -> tuple[int, str]:
-    """The HTTP status and detail for an error raised inside the solving loop: a prompt too
-    long for a model is the client's (413); an overloaded or lost replica is a 503 to retry;
-    anything else is logged with its traceback and answered 503 too, never a bare 500.
+def request_id() -> str:
+    """Serve's id for the request being handled; the proxy returns it as `x-request-id`, so a
+    500's detail and the replica's log line can be matched. Empty outside a request."""
+    from ray.serve.context import _get_serve_request_context
+
+    return _get_serve_request_context().request_id
+
+
+def failure(e: BaseException, rid: str = "") -> tuple[int, str]:
+    """The HTTP status and detail for an error raised inside the solving loop: an overloaded,
+    starting or lost replica is a 503 (retrying can help); anything else is a 500 that names the
+    request id, logged with its traceback under that id, since retrying the same problem on the
+    same models fails the same way.
 
     Defined above `Ingress` on purpose: `@serve.ingress` serialises the class by value when it
     is decorated, and a global defined later is missing in the replica (NameError, a 500)."""
@@ -188,14 +174,12 @@ def failure(e: BaseException) -> tuple[int, str]:
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
     cause = getattr(e, "cause", None) or e
-    if isinstance(cause, PromptTooLong) or isinstance(e, PromptTooLong):
-        return 413, str(cause.args[0] if cause.args else cause)
     if isinstance(e, BackPressureError | DeploymentUnavailableError):
         return 503, f"the models are overloaded or starting ({type(e).__name__}); retry later"
     if isinstance(e, rex.RayActorError | rex.ActorUnavailableError | asyncio.TimeoutError):
         return 503, f"a model replica was lost ({type(e).__name__}); retry"
-    log.error("solving loop failed", exc_info=e)
-    return 503, f"the models failed on this request ({type(cause).__name__}); retry later"
+    log.error("solving loop failed (request id %s)", rid or "-", exc_info=e)
+    return 500, f"the models failed on this request ({type(cause).__name__}); request id {rid}"
 
 
 api = FastAPI(
@@ -207,9 +191,9 @@ PLAYGROUND = Path(__file__).resolve().parent / "static" / "index.html"
 
 @api.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    """The last net under the rule "no 5xx but 503": an error no handler expected is logged with
-    its traceback and answered as JSON, never as a bare 500 page."""
-    status, detail = failure(exc)
+    """The last net: an error no handler expected is logged with its traceback and answered as
+    JSON with the request id, never as a bare 500 page."""
+    status, detail = failure(exc, request_id())
     return JSONResponse({"detail": detail}, status_code=status)
 
 
@@ -237,6 +221,7 @@ class Ingress:
         self.default_max_steps = default_max_steps
         self.max_body_bytes = max_body_bytes
         self.page = PLAYGROUND.read_text(encoding="utf-8")
+        self.cancelled = 0  # streaming solves stopped because their client went away
 
     async def _decompose(self, prompt: str) -> Completion:
         return await self.decomposer.generate.remote(prompt)
@@ -294,17 +279,20 @@ class Ingress:
             t0 = time.perf_counter()
             try:
                 sol = await solve_async(problem, self._decompose, self._solve_step, **kw)
-            except Exception as e:  # noqa: BLE001 - every failure becomes a 4xx or a 503
-                status, detail = failure(e)
+            except Exception as e:  # noqa: BLE001 - every failure gets a status and a detail
+                status, detail = failure(e, request_id())
                 raise HTTPException(status, detail) from None
             out = sol.to_dict()
             out["timings"]["request_s"] = round(time.perf_counter() - t0, 4)
             return JSONResponse(out)
-        return StreamingResponse(self._events(problem, kw), media_type="text/event-stream")
+        events = self._events(problem, kw, request_id())
+        return StreamingResponse(events, media_type="text/event-stream")
 
-    async def _events(self, problem: str, kw: dict[str, Any]) -> AsyncIterator[str]:
+    async def _events(self, problem: str, kw: dict[str, Any], rid: str = "") -> AsyncIterator[str]:
         """One `step` event per solved step (with its time and, where the calculator changed
-        the student's arithmetic, what the student wrote), then `done` or `error`."""
+        the student's arithmetic, what the student wrote), then `done` or `error`. A client
+        that goes away cancels the solve: Starlette closes this generator, and the `finally`
+        stops the loop before its next model call (it would otherwise run to the end, unread)."""
         queue: asyncio.Queue[Solved | None] = asyncio.Queue()
         forced: list[int] = []  # results the calculator forced into each step's decoding
         written: list[str] = []  # the student's own answers, where the fallback changed them
@@ -323,27 +311,33 @@ class Ingress:
             solve_async(problem, self._decompose, solve_step, on_step=on_step, **kw)
         )
         task.add_done_callback(lambda _: queue.put_nowait(None))
-        while (event := await queue.get()) is not None:
-            now = time.perf_counter()
-            payload = {"k": event.k, **event.step.to_dict()}
-            payload.update(step_s=round(now - last, 4), elapsed_s=round(now - t0, 4))
-            student = written[event.k - 1] if len(written) >= event.k else None
-            n_forced = forced[event.k - 1] if len(forced) >= event.k else 0
-            if n_forced:
-                payload["calculator"] = {"forced": n_forced}
-            elif student is not None and student != event.step.answer:
-                payload["calculator"] = {"student": student}
-            last = now
-            yield f"event: step\ndata: {json.dumps(payload)}\n\n"
         try:
-            sol = task.result()
-        except Exception as e:  # noqa: BLE001 - the stream must end with a reason, not a hang
-            status, detail = failure(e)
-            yield f"event: error\ndata: {json.dumps({'status': status, 'detail': detail})}\n\n"
-            return
-        out = sol.to_dict()
-        out["timings"]["request_s"] = round(time.perf_counter() - t0, 4)
-        yield f"event: done\ndata: {json.dumps(out)}\n\n"
+            while (event := await queue.get()) is not None:
+                now = time.perf_counter()
+                payload = {"k": event.k, **event.step.to_dict()}
+                payload.update(step_s=round(now - last, 4), elapsed_s=round(now - t0, 4))
+                student = written[event.k - 1] if len(written) >= event.k else None
+                n_forced = forced[event.k - 1] if len(forced) >= event.k else 0
+                if n_forced:
+                    payload["calculator"] = {"forced": n_forced}
+                elif student is not None and student != event.step.answer:
+                    payload["calculator"] = {"student": student}
+                last = now
+                yield f"event: step\ndata: {json.dumps(payload)}\n\n"
+            try:
+                sol = task.result()
+            except Exception as e:  # noqa: BLE001 - the stream must end with a reason, not a hang
+                status, detail = failure(e, rid)
+                error = {"status": status, "detail": detail}
+                yield f"event: error\ndata: {json.dumps(error)}\n\n"
+                return
+            out = sol.to_dict()
+            out["timings"]["request_s"] = round(time.perf_counter() - t0, 4)
+            yield f"event: done\ndata: {json.dumps(out)}\n\n"
+        finally:
+            if not task.done():
+                task.cancel()
+                self.cancelled += 1
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

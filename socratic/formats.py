@@ -36,6 +36,7 @@ is whatever the model wrote, so they take the well-formed prefix and ignore the 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -66,8 +67,11 @@ class Example:
 
 
 def clean(text: str) -> str:
-    """One line of text: every whitespace run becomes one space, ends stripped."""
-    return " ".join(str(text).split())
+    """One line of text in NFC: every whitespace run becomes one space, ends stripped. NFC here,
+    where every prompt is built, because Serve normalises a request's text (`serve/validate.py`)
+    and a problem must reach the students the same way over HTTP as in training and evaluation
+    ("a\u0301" and "\u00e1" are different tokens)."""
+    return " ".join(unicodedata.normalize("NFC", str(text)).split())
 
 
 def _field(text: str, what: str) -> str:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +191,33 @@ def bound_prompt(ids: Sequence[int], line_ends: Sequence[int], room: int) -> tup
     return ids[len(ids) - room :], True
 
 
+def _per_row(limit: int | Sequence[int], n: int) -> list[int]:
+    return [limit] * n if isinstance(limit, int) else list(limit)
+
+
+def fitting_groups(
+    lengths: Sequence[int], limits: Sequence[int], positions: int | None
+) -> list[list[int]]:
+    """Row indices in groups whose padded batch fits the positions: in each, the longest prompt
+    plus the largest limit is at most `positions` (left padding makes every row as long as the
+    longest, and a row that stopped early still advances its positions). One group, in order,
+    when everything fits (the usual case); else rows by limit, largest first, each group filled
+    while it fits. Every row fits alone, since `encode` bounded it by its own limit."""
+    rows = list(range(len(lengths)))
+    if positions is None or max(lengths) + max(limits) <= positions:
+        return [rows]
+    groups: list[list[int]] = []
+    longest = top = 0
+    for b in sorted(rows, key=lambda r: (-limits[r], r)):
+        if groups and max(longest, lengths[b]) + top <= positions:
+            groups[-1].append(b)
+            longest = max(longest, lengths[b])
+        else:
+            groups.append([b])
+            longest, top = lengths[b], limits[b]
+    return [sorted(g) for g in groups]
+
+
 class Generator:
     """A loaded model that completes batches of prompts.
 
@@ -227,20 +254,21 @@ class Generator:
         return [c.text for c in self.complete(prompts, calculator=calculator)]
 
     def encode(
-        self, prompts: Sequence[str], max_new_tokens: int
+        self, prompts: Sequence[str], max_new_tokens: int | Sequence[int]
     ) -> tuple[list[list[int]], list[bool]]:
-        """Each prompt's token ids, bounded so that prompt + `max_new_tokens` fit the model's
-        positions (`bound_prompt`), and whether it was cut. Lone surrogates (an escaped
-        "\\ud800" in JSON) become U+FFFD first: the tokenizer cannot encode them."""
+        """Each prompt's token ids, bounded so that prompt + its own `max_new_tokens` (one for
+        all, or one per prompt) fit the model's positions (`bound_prompt`), and whether it was
+        cut. Lone surrogates (an escaped "\\ud800" in JSON) become U+FFFD first: the tokenizer
+        cannot encode them."""
         tok = self.tokenizer
         texts = [_SURROGATE.sub("\ufffd", p) for p in prompts]
         enc = tok(texts, add_special_tokens=False, return_offsets_mapping=tok.is_fast)
         if self.positions is None:
             return [list(ids) for ids in enc["input_ids"]], [False] * len(texts)
-        room = self.positions - max_new_tokens
+        limits = _per_row(max_new_tokens, len(texts))
         out, cut = [], []
         for i, text in enumerate(texts):
-            ids = enc["input_ids"][i]
+            ids, room = enc["input_ids"][i], self.positions - limits[i]
             if len(ids) > room and tok.is_fast:
                 line_ends = token_line_ends(text, enc["offset_mapping"][i])
             else:
@@ -267,26 +295,54 @@ class Generator:
 
         `max_new_tokens` may be one limit per prompt: the batch then runs once, each row stops
         at its own limit, so requests that differ only in their limit still share a call (one
-        `generate` per limit cost the local teacher a call per request under mixed limits)."""
+        `generate` per limit cost the local teacher a call per request under mixed limits).
+        Each prompt is bounded by its own limit, never by the batch's largest (which cut a long
+        prompt that shared a batch with a request for many tokens). Where the padded batch would
+        then outrun the positions (the longest prompt + the largest limit), it runs as the
+        fewest groups that fit (`fitting_groups`)."""
+        if not prompts:
+            return []
+        if max_new_tokens is not None and not isinstance(max_new_tokens, int):
+            asked = [int(k) for k in max_new_tokens]
+            if len(asked) != len(prompts) or min(asked) < 1:
+                raise ValueError("max_new_tokens: one limit >= 1 per prompt")
+        else:
+            asked = [max_new_tokens or self.max_new_tokens] * len(prompts)
+        limits = [generation_budget(k, self.positions) for k in asked]
+        if limits != asked:
+            k = max(asked)
+            log.warning("max_new_tokens %d cut to %d: the model has %d positions and a prompt "
+                        "keeps at least 1/%d of them", k, generation_budget(k, self.positions),
+                        self.positions, MIN_PROMPT_SHARE)  # fmt: skip
+        ids, truncated = self.encode(prompts, limits)
+        sampling = {"temperature": temperature, "top_p": top_p, "seed": seed, "stop": stop}
+        out: list[Completion | None] = [None] * len(prompts)
+        for group in fitting_groups([len(r) for r in ids], limits, self.positions):
+            done = self._generate(
+                [ids[b] for b in group], [limits[b] for b in group], calculator, **sampling
+            )
+            for b, c in zip(group, done, strict=True):
+                out[b] = replace(c, truncated=truncated[b])
+        completions = [c for c in out if c is not None]
+        self.tokens_generated += sum(c.completion_tokens for c in completions)
+        return completions
+
+    def _generate(
+        self,
+        ids: list[list[int]],
+        limits: list[int],
+        calculator: bool,
+        *,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        stop: Sequence[str],
+    ) -> list[Completion]:
+        """One `model.generate` over rows that fit together: each row stops at its own limit."""
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        if not prompts:
-            return []
-        per_row = None
-        if max_new_tokens is not None and not isinstance(max_new_tokens, int):
-            per_row = [int(k) for k in max_new_tokens]
-            if len(per_row) != len(prompts) or min(per_row) < 1:
-                raise ValueError("max_new_tokens: one limit >= 1 per prompt")
-            max_new_tokens = max(per_row)
-        asked = max_new_tokens or self.max_new_tokens
-        limit = generation_budget(asked, self.positions)
-        if limit < asked:
-            log.warning("max_new_tokens %d cut to %d: the model has %d positions and a prompt "
-                        "keeps at least 1/%d of them", asked, limit, self.positions,
-                        MIN_PROMPT_SHARE)  # fmt: skip
         tok = self.tokenizer
-        ids, truncated = self.encode(prompts, limit)
         batch = tok.pad({"input_ids": ids}, return_tensors="pt", padding=True)
         batch = batch.to(self.device)
         prompt_len = batch["input_ids"].shape[1]
@@ -296,10 +352,12 @@ class Generator:
             if seed is not None:
                 torch.manual_seed(seed)
         criteria = StoppingCriteriaList()
+        stopped = None
         if stop:  # stop generating once every row has hit one (the text is cut below)
-            criteria.extend(_stop_on_text(tok, stop, prompt_len))
-        if per_row is not None and min(per_row) < limit:
-            criteria.append(_stop_at_lengths(per_row, prompt_len, self.device))
+            stopped = _StopOnText(tok, stop, prompt_len)
+            criteria.append(stopped)
+        if min(limits) < max(limits):
+            criteria.append(_stop_at_lengths(limits, prompt_len, self.device))
         if criteria:
             sampling["stopping_criteria"] = criteria
         eos = _eos_ids(tok, self.model)
@@ -309,15 +367,17 @@ class Generator:
             sampling["logits_processor"] = LogitsProcessorList([forcing])
         with torch.no_grad():
             out = self.model.generate(
-                **batch, max_new_tokens=limit, pad_token_id=tok.pad_token_id, **sampling
+                **batch, max_new_tokens=max(limits), pad_token_id=tok.pad_token_id, **sampling
             )
         new = out[:, prompt_len:]
         # A row ends at its EOS (counted, as OpenAI counts it); a row stopped by a stop string
-        # while others went on is filled with pad after it (not counted).
+        # or its limit while others went on is filled with pad after it (not counted, even
+        # where pad is the EOS token).
         completions = []
         for b, row in enumerate(new.tolist()):
-            if per_row is not None:
-                row = row[: per_row[b]]
+            row = row[: limits[b]]
+            if stopped is not None and stopped.at[b] is not None:
+                row = row[: stopped.at[b]]
             n, finished = len(row), False
             for i, t in enumerate(row):
                 if t in eos or t == tok.pad_token_id:
@@ -330,12 +390,8 @@ class Generator:
             calc: dict[str, Any] = {}
             if forcing is not None:
                 calc = forcing.counts(b, n)
-            completions.append(
-                Completion(
-                    text, len(ids[b]), n, "stop" if finished else "length", truncated[b], **calc
-                )
-            )
-        self.tokens_generated += sum(c.completion_tokens for c in completions)
+            completions.append(Completion(text, len(ids[b]), n, "stop" if finished else "length",
+                                          **calc))  # fmt: skip
         return completions
 
     def _closers(self) -> dict[int, str]:
@@ -468,25 +524,31 @@ class CalculatorForcing:
         }
 
 
-def _stop_on_text(tokenizer: Any, stop: Sequence[str], prompt_len: int) -> Any:
-    """A stopping criterion that looks for the stop strings in the generated text only.
+class _StopOnText:
+    """A stopping criterion that looks for the stop strings in the generated text only, and
+    records for each row how many tokens it had when one first appeared (`at`): after that the
+    row is padding, which must not be counted as generated when pad is the EOS token.
 
     transformers' own `stop_strings` also match across the prompt's last tokens, which would end
     a completion on a "stop string" it never wrote (OpenAI matches completions only)."""
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
 
-    window = 4 * max(len(s) for s in stop) + 4  # tokens; a byte-level token holds >= 1 byte
+    def __init__(self, tokenizer: Any, stop: Sequence[str], prompt_len: int) -> None:
+        self.tokenizer, self.stop, self.prompt_len = tokenizer, list(stop), prompt_len
+        self.window = 4 * max(len(s) for s in stop) + 4  # tokens; one holds >= 1 byte
+        self.at: list[int | None] = []
 
-    class StopOnText(StoppingCriteria):
-        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-            tails = tokenizer.batch_decode(
-                input_ids[:, prompt_len:][:, -window:], skip_special_tokens=True
-            )
-            done = [any(s in t for s in stop) for t in tails]
-            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
 
-    return StoppingCriteriaList([StopOnText()])
+        new = input_ids[:, self.prompt_len :]
+        tails = self.tokenizer.batch_decode(new[:, -self.window :], skip_special_tokens=True)
+        done = [any(s in t for s in self.stop) for t in tails]
+        if not self.at:
+            self.at = [None] * len(done)
+        for b, d in enumerate(done):
+            if d and self.at[b] is None:
+                self.at[b] = new.shape[1]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def _stop_at_lengths(limits: Sequence[int], prompt_len: int, device: Any) -> Any:

@@ -86,10 +86,13 @@ class Solution:
     truncated: int = 0  # model calls whose prompt was cut to fit the model (Completions only)
 
     def to_dict(self) -> dict:
+        """The served reply: `truncated` > 0 says a prompt was cut to fit the model (the
+        oldest steps left out), as evaluation's rows say it."""
         return {
             "answer": self.answer,
             "steps": [s.to_dict() for s in self.steps],
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
+            "truncated": self.truncated,
         }
 
 

@@ -154,3 +154,13 @@ def test_solver_sequence_is_every_solver_example_in_one_text() -> None:
         formats.solver_sequence("p", [])
     with pytest.raises(FormatError, match="sub-answer 2 is empty"):
         formats.solver_sequence("p", [Step("a", "b"), Step("c", " ")])
+
+
+def test_prompts_are_built_from_nfc_text() -> None:
+    """Serve normalises requests to NFC; a prompt built from a dataset's decomposed text must be
+    the same one, or a problem gets other tokens over HTTP than in evaluation."""
+    from socratic.formats import decomposer_prompt, solver_prompt
+
+    assert decomposer_prompt("Jose\u0301 has 3?") == decomposer_prompt("Jos\u00e9 has 3?")
+    q = "How many?"
+    assert solver_prompt("Jose\u0301?", [], q) == solver_prompt("Jos\u00e9?", [], q)

@@ -86,3 +86,19 @@ def test_stop_strings_end_generation_early(gen: Generator) -> None:
     cut = gen.complete(prompt, max_new_tokens=30, stop=[stop])[0]
     assert cut.text == full.text[: full.text.find(stop)]
     assert cut.completion_tokens < full.completion_tokens == 30
+
+
+def test_a_row_stopped_by_a_stop_string_counts_no_padding_when_pad_is_eos(
+    tiny_model_dir: Path,
+) -> None:
+    """With pad == EOS (GPT-2's usual setup) the pad after a stopped row looked like an EOS the
+    model wrote, and usage counted one token too many."""
+    gen = Generator(tiny_model_dir, max_new_tokens=30)
+    gen.tokenizer.pad_token = gen.tokenizer.eos_token
+    prompts = ["Tom has 3 apples", "Q1: How many", "Sara reads 7"]  # random weights: text
+    stop = " m m"  # only row 0 writes it ("lesleslesles m m ..."); the others run to 30
+    (alone,) = gen.complete(prompts[:1], stop=[stop])
+    together = gen.complete(prompts, stop=[stop])
+    assert alone.finish_reason == "stop" and alone.completion_tokens < 30
+    assert together[0] == alone
+    assert max(c.completion_tokens for c in together[1:]) > alone.completion_tokens

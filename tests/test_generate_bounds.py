@@ -15,6 +15,7 @@ from socratic.generate import (
     Generator,
     bound_prompt,
     context_limit,
+    fitting_groups,
     generation_budget,
     resolve_dtype,
 )
@@ -120,3 +121,24 @@ def test_dtype_choices(tmp_path: Path, gen: Generator) -> None:
     (c,) = half.complete([decomposer_prompt(PROBLEM)])
     assert c.completion_tokens == 4
     assert gen.model.dtype is torch.float32  # auto on CPU
+
+
+def test_each_prompt_is_bounded_by_its_own_limit_not_the_batch_largest(gen: Generator) -> None:
+    """A long prompt asking for few tokens, batched with a short one asking for many, keeps its
+    whole prompt (as alone); the pair runs as two groups, since together they would not fit."""
+    long = solver_prompt(PROBLEM, [], "How many apples in all?")
+    short = decomposer_prompt("Tom has 3 apples.")
+    n_long = len(gen.tokenizer(long, add_special_tokens=False)["input_ids"])
+    assert 40 < n_long <= POSITIONS - 4  # precondition: fits with 4 new tokens, not with 40
+    together = gen.complete([long, short], max_new_tokens=[4, 40])
+    alone = [gen.complete([long], max_new_tokens=4)[0], gen.complete([short], max_new_tokens=40)[0]]
+    assert together == alone
+    assert not together[0].truncated and together[0].prompt_tokens == n_long
+    assert [c.completion_tokens for c in together] == [4, 40]
+
+
+def test_fitting_groups() -> None:
+    assert fitting_groups([10, 50], [40, 4], 64) == [[0], [1]]
+    assert fitting_groups([10, 20], [40, 4], 64) == [[0, 1]]  # fits: one batch, in order
+    assert fitting_groups([10, 12, 50, 55], [40, 30, 4, 8], 64) == [[0, 1], [2, 3]]
+    assert fitting_groups([500, 600], [9, 9], None) == [[0, 1]]

@@ -84,7 +84,7 @@ def test_solve_reply_shape_and_one_solver_call_per_step(served: str) -> None:
     status, raw = _post(served, {"problem": PROBLEM, "max_steps": 3})
     assert status == 200, raw
     out = json.loads(raw)
-    assert set(out) == {"answer", "steps", "timings"}
+    assert set(out) == {"answer", "steps", "timings", "truncated"}
     assert 1 <= len(out["steps"]) <= 3
     assert all(set(s) == {"question", "answer"} for s in out["steps"])
     assert {"decompose_s", "total_s", "request_s"} <= set(out["timings"])
@@ -277,11 +277,10 @@ GARBAGE = "\u202e\u200d" + "a\u0301\u0302\u0303\u05d0\u200f"  # RTL/ZWJ/combinin
         ('{"problem": "\\ud800 apples?"}', "application/json", 422, "unpaired surrogate"),
         (json.dumps({"problem": "apples \U0010ffff?"}), "application/json", 422, "U+10FFFF"),
         (json.dumps({"problem": "apples\x00?"}), "application/json", 422, "U+0000"),
-        (json.dumps({"problem": GARBAGE * 240}), "application/json", 413, "tokens"),
         (b'{"problem": "\xff\xfe"}', "application/json", 400, "not valid JSON"),
     ],
     ids=["text-plain", "no-type", "deep-100k", "deep-1k", "surrogate", "nonchar", "nul",
-         "garbage-over-positions", "bad-utf8"],
+         "bad-utf8"],
 )  # fmt: skip
 def test_bad_bodies_get_a_4xx_with_a_json_detail(
     served: str, body, content_type, status: int, message: str
@@ -297,13 +296,43 @@ def test_short_unicode_garbage_is_answered(served: str) -> None:
     assert got == 200, raw
 
 
-def test_a_stream_ends_with_a_status_and_detail_when_the_prompt_is_too_long(served: str) -> None:
-    got, raw = _post(served, {"problem": GARBAGE * 240, "stream": True})
-    assert got == 200
-    last = [b for b in raw.decode().split("\n\n") if b.strip()][-1].splitlines()
-    assert last[0] == "event: error"
-    err = json.loads(last[1][len("data: ") :])
-    assert err["status"] == 413 and "tokens" in err["detail"]
+# The decomposer's prompt fits the tiny model's 512 positions; the solver's (problem + the
+# problem's own long question, the fallback sub-question) does not.
+LONG = "Ann has 3 bags of 4 apples. How many apples does she have after she buys " + ", ".join(
+    ["2 more"] * 90
+) + "?"
+
+
+def _evaluated(model_dir: Path, problem: str, max_steps: int) -> dict:
+    """The row offline evaluation writes for `problem`: its Ray Data actor, called in-process."""
+    import pyarrow as pa
+
+    from pipelines.evaluate import Evaluator
+
+    dirs = {"decomposer": str(model_dir), "solver": str(model_dir)}
+    ev = Evaluator("iterative", dirs, [True], max_steps, max_new_tokens=24, num_threads=1)
+    row = {"id": "long", "dataset": "t", "split": "t", "question": problem, "answer": "3",
+           "answer_kind": "number"}  # fmt: skip
+    return ev(pa.Table.from_pylist([row])).to_pylist()[0]
+
+
+@pytest.mark.parametrize("problem", [LONG, GARBAGE * 240], ids=["grows-past", "starts-past"])
+def test_a_problem_past_the_positions_is_served_as_evaluation_scores_it(
+    served: str, tiny_model_dir: Path, problem: str
+) -> None:
+    """Serve cuts a prompt as evaluation does (`bound_prompt`), so a problem whose solver prompt
+    outgrows the model gets the evaluated answer and steps over HTTP, not a 413 mid-solve."""
+    got, raw = _post(served, {"problem": problem, "max_steps": 4})
+    assert got == 200, raw[:300]
+    out = json.loads(raw)
+    row = _evaluated(tiny_model_dir, problem, 4)
+    assert out["truncated"] == row["truncated"] >= 1
+    assert (out["answer"], out["steps"]) == (row["predicted"], row["steps"])
+    got, raw = _post(served, {"problem": problem, "max_steps": 4, "stream": True})
+    done = [b for b in raw.decode().split("\n\n") if b.strip()][-1].splitlines()
+    assert done[0] == "event: done", raw[-300:]
+    streamed = json.loads(done[1][len("data: ") :])
+    assert (streamed["answer"], streamed["steps"]) == (out["answer"], out["steps"])
 
 
 @settings(
@@ -317,20 +346,19 @@ def test_any_text_gets_a_200_or_a_4xx_never_a_5xx(served: str, problem: str) -> 
         assert json.loads(raw)["detail"]
 
 
-def test_failures_inside_the_loop_map_to_4xx_or_503() -> None:
+def test_failures_inside_the_loop_map_to_503_to_retry_or_500_with_a_request_id() -> None:
     """The ingress's mapping, on the real exception types a handle call raises."""
     from ray.exceptions import ActorDiedError, RayTaskError
     from ray.serve.exceptions import BackPressureError
 
-    from serve.app import PromptTooLong, failure
+    from serve.app import failure
 
-    too_long = PromptTooLong("the prompt is 900 tokens; this model takes at most 488")
-    wrapped = RayTaskError("generate", "traceback", too_long).as_instanceof_cause()
-    assert failure(wrapped) == (413, "the prompt is 900 tokens; this model takes at most 488")
     assert failure(BackPressureError(num_queued_requests=9, max_queued_requests=8))[0] == 503
     assert failure(ActorDiedError())[0] == 503
-    assert failure(RuntimeError("boom")) == (
-        503, "the models failed on this request (RuntimeError); retry later")  # fmt: skip
+    bug = RayTaskError("generate", "traceback", KeyError("x")).as_instanceof_cause()
+    assert failure(bug, "req-7") == (
+        500, "the models failed on this request (KeyError); request id req-7")  # fmt: skip
+    assert failure(RuntimeError("boom"), "r1")[0] == 500
 
 
 # --- answer kinds, metrics, the playground ----------------------------------------------------
@@ -429,3 +457,45 @@ def test_playground_is_one_static_page_with_no_outside_resources(served: str) ->
         page = r.read().decode()
     assert "<script" in page and 'fetch("solve"' in page  # relative: works under any prefix
     assert "http://" not in page and "https://" not in page  # no CDN, nothing fetched elsewhere
+
+
+class _ScriptedModel:
+    """A deployment handle's shape (`generate.remote(prompt)` awaited) over scripted texts; the
+    solver takes `delay_s` per call so a step is still running when the client leaves."""
+
+    def __init__(self, text: str, delay_s: float = 0.0) -> None:
+        self.text, self.delay_s, self.calls = text, delay_s, 0
+        self.generate = self
+
+    async def remote(self, prompt: str):
+        import asyncio
+
+        from socratic.generate import Completion
+
+        self.calls += 1
+        await asyncio.sleep(self.delay_s)
+        return Completion(self.text, 1, 1, "stop")
+
+
+def test_a_stream_whose_client_leaves_stops_calling_the_models() -> None:
+    """Starlette closes the event generator when the client disconnects; the solve it started
+    must stop too, not run its remaining steps for nobody."""
+    import asyncio
+
+    from serve.app import Ingress
+
+    questions = "\n".join(f"Q{k}: What is {k} + 1?" for k in range(1, 7))
+    decomposer, solver = _ScriptedModel(questions), _ScriptedModel("A: 2", delay_s=0.2)
+    plain = Ingress.func_or_class.__mro__[1]  # the class under @serve.ingress's ASGI wrapper
+    ingress = plain(decomposer, solver)
+
+    async def leave_after_first_step() -> None:
+        events = ingress._events("What is 1 + 1?", {"max_steps": 6, "calculator": False})
+        first = await events.__anext__()
+        assert first.startswith("event: step")
+        await events.aclose()  # what Starlette does when the client goes away
+        await asyncio.sleep(1.0)  # five more steps' worth of time
+
+    asyncio.run(leave_after_first_step())
+    assert ingress.cancelled == 1
+    assert solver.calls <= 2, solver.calls  # the step in flight at most, never all six
