@@ -8,9 +8,9 @@ What it does, in one process and one Ray cluster (started once, reused by every 
 1. Writes `--rows` distinct problems in the `sample` format: the 40 bundled problems cycled, each
    repeat's question suffixed " (Variant k.)". The gold steps still answer it, so the teacher's
    reply is accepted for every row.
-2. Starts the test teacher server (`tests/support/teacher_server.py`, through the thin wrapper
-   `_timed_teacher_server.py` that also records each request's arrival and finish time) in its own
-   process, with `--latency` seconds per call, so its threads do not share the driver's GIL.
+2. Starts the test teacher server (`python -m serve.fake_teacher --record-times`, which also
+   records each request's arrival and finish time) in its own process, with `--latency`
+   seconds per call, so its threads do not share the driver's GIL.
 3. Runs `pipelines.annotate.run` at each `--in-flight` value into a fresh output folder
    (`--rows-at-1` rows at in-flight 1, where 2000 rows would take 400 s; `--rows` otherwise).
 4. Runs `ray.data.llm` (`HttpRequestProcessorConfig` + `build_processor`) against the same server
@@ -89,7 +89,9 @@ class Server:
     def __init__(self, problems: Path, latency: float) -> None:
         cmd = [
             sys.executable,
-            str(Path(__file__).resolve().parent / "_timed_teacher_server.py"),
+            "-m",
+            "serve.fake_teacher",
+            "--record-times",
             "--dataset=sample",
             "--split=all",
             f"--path={problems}",

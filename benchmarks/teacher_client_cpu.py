@@ -32,7 +32,7 @@ from socratic.adapters import DatasetSpec, load_problems  # noqa: E402
 
 
 def start_server(latency: float) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "tests.support.teacher_server", "--dataset", "sample",
+    cmd = [sys.executable, "-m", "serve.fake_teacher", "--dataset", "sample",
            "--split", "all", "--latency", str(latency)]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)

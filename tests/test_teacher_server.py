@@ -435,7 +435,7 @@ def test_stop_refuses_new_connections(problems):
 def test_cli_serves_until_sigterm(problems):
     env = {**os.environ, "TEACHER_KEY": "sk-cli"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.support.teacher_server", "--dataset", "sample"]
+        [sys.executable, "-m", "serve.fake_teacher", "--dataset", "sample"]
         + ["--split", "all", "--latency", "0.01", "--api-key-env", "TEACHER_KEY"],
         cwd=REPO,
         env=env,
