@@ -36,6 +36,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(REPO))
 
 from benchmarks.annotate_throughput import write_problems  # noqa: E402
+from benchmarks.common import target_line  # noqa: E402
 
 TARGET_RATIO = 1.5  # peak RSS at the largest size / at the smallest
 
@@ -116,11 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     lines = []
     if len(ok) >= 2:
         ratio = ok[-1]["peak_rss_mib"] / ok[0]["peak_rss_mib"]
-        verdict = "MET" if ratio <= TARGET_RATIO else "MISSED"
-        lines.append(
-            f"driver peak RSS at {ok[-1]['problems']} / at {ok[0]['problems']} problems: "
-            f"{ratio:.2f}x (target <= {TARGET_RATIO}x: {verdict})"
-        )
+        lines.append(target_line(
+            f"driver peak RSS at {ok[-1]['problems']} / at {ok[0]['problems']} problems",
+            ratio, "<=", TARGET_RATIO, "x", ".2f",
+        ))  # fmt: skip
     if len(ok) >= 3:  # beyond the first chunks' start-up: the slope a user with more data sees
         grown = ok[-1]["peak_rss_mib"] - ok[-2]["peak_rss_mib"]
         per = grown * 2**20 / (ok[-1]["problems"] - ok[-2]["problems"])

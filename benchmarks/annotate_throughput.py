@@ -59,6 +59,9 @@ REPO = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO))
 
+from benchmarks.common import CpuMeter, target_line  # noqa: E402
+
+OURS = ("driver", "ray workers", "ray daemons")  # CPU kinds that are the pipeline's
 TARGET_PCT_OF_IDEAL = 90.0  # at 64 in flight
 TARGET_CPU_MS_PER_ROW = 1.5  # at 512 in flight
 TARGET_RATIO_VS_LLM = 1.5
@@ -127,88 +130,21 @@ class Server:
             self.proc.kill()
 
 
-# --- CPU from /proc ----------------------------------------------------------------------------
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+# --- CPU from /proc (benchmarks/common.py) -------------------------------------------------------
 
 
-def _proc_table() -> dict[int, tuple[int, str, float]]:
-    """pid -> (ppid, name, CPU seconds incl. reaped children) for every process we can read."""
-    out = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                stat = f.read()
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                cmd = f.read().split(b"\0")[0].decode(errors="replace")
-        except OSError:
-            continue
-        name_end = stat.rindex(")")
-        fields = stat[name_end + 2 :].split()
-        ppid = int(fields[1])
-        ticks = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
-        out[int(d)] = (ppid, cmd or stat[stat.index("(") + 1 : name_end], ticks / CLK_TCK)
-    return out
+def cpu_meter(server_pid: int) -> CpuMeter:
+    """CPU by kind: the driver, Ray workers (actors, Ray Data tasks), Ray's daemons, and the
+    teacher server's subtree on its own (never counted as ours)."""
 
+    def kind(pid: int, cmd: str, parent: str | None) -> str:
+        if pid == server_pid or parent == "server":
+            return "server"
+        if parent is None:
+            return "driver"
+        return "ray workers" if cmd.startswith("ray::") else "ray daemons"
 
-def _tree(server_pid: int) -> dict[int, tuple[str, float]]:
-    """pid -> (kind, CPU seconds) for this process and all its descendants: driver / Ray
-    workers / Ray daemons, and the teacher server's subtree on its own (never counted as ours)."""
-    table = _proc_table()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    out = {}
-    stack = [(os.getpid(), "driver")]
-    while stack:
-        pid, kind = stack.pop()
-        if pid not in table:
-            continue
-        _, name, cpu = table[pid]
-        if pid == server_pid:
-            kind = "server"
-        elif kind != "server" and pid != os.getpid():
-            kind = "ray workers" if name.startswith("ray::") else "ray daemons"
-        out[pid] = (kind, cpu)
-        stack.extend((c, kind) for c in children.get(pid, []))
-    return out
-
-
-class CpuMeter:
-    """CPU seconds by process kind over a run, sampled every `interval` s from /proc.
-
-    Per process: last sample - first sample (0 for one born during the run), so an actor that
-    exits mid-run keeps what it used up to its last sample (at most `interval` is missed), and
-    one that exits does not make the total go down.
-    """
-
-    def __init__(self, server_pid: int, interval: float = 0.25) -> None:
-        import threading
-
-        self.server_pid, self.interval = server_pid, interval
-        self.first = _tree(server_pid)
-        self.last = dict(self.first)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.last.update(_tree(self.server_pid))
-        self.own_cpu = time.thread_time()  # the sampling itself, taken off the driver's share
-
-    def stop(self) -> dict[str, float]:
-        self._stop.set()
-        self._thread.join()
-        self.last.update(_tree(self.server_pid))
-        out = {"driver": 0.0, "ray workers": 0.0, "ray daemons": 0.0, "server": 0.0}
-        for pid, (kind, cpu) in self.last.items():
-            start = self.first.get(pid, (kind, 0.0))[1]
-            out[kind] += max(0.0, cpu - start)
-        out["driver"] = max(0.0, out["driver"] - getattr(self, "own_cpu", 0.0))
-        return {k: round(v, 3) for k, v in out.items()}
+    return CpuMeter(kind)
 
 
 # --- measurements ------------------------------------------------------------------------------
@@ -229,7 +165,7 @@ class Measurement:
 
     @property
     def cpu_ms_per_row(self) -> float:
-        ours = sum(v for k, v in self.cpu.items() if k != "server")
+        ours = sum(v for k, v in self.cpu.items() if k in OURS)
         return 1000 * ours / self.rows if self.rows else float("nan")
 
     @property
@@ -287,7 +223,7 @@ def run_ours(
     )
     server.times()  # clear
     started = time.time()
-    meter = CpuMeter(server.proc.pid)
+    meter = cpu_meter(server.proc.pid)
     summary = annotate.run(cfg)
     cpu = meter.stop()
     wall = summary["wall_s"]
@@ -436,7 +372,7 @@ def run_llm(
 
     server.times()
     started = time.time()
-    meter = CpuMeter(server.proc.pid)
+    meter = cpu_meter(server.proc.pid)
     t0 = time.perf_counter()
     ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / conf.rows_per_block))
     with async_batches(conf.async_batches):
@@ -493,12 +429,7 @@ def table(runs: list[Measurement], args: Any) -> str:
 
 
 def target(name: str, value: float, unit: str, op: str, threshold: float) -> str:
-    met = value >= threshold if op == ">=" else value <= threshold
-    u = f" {unit}" if unit == "%" else unit
-    return (
-        f"{name}: {value:.{1 if unit != 'x' else 2}f}{u} (target {op} {threshold:g}{u}: "
-        f"{'MET' if met else 'MISSED'})"
-    )
+    return target_line(name, value, op, threshold, unit, ".2f" if unit == "x" else ".1f")
 
 
 # --- paid answers lost per kill -9 -------------------------------------------------------------
@@ -739,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, (_, conf) in llm_best.items():
         print(f"ray.data.llm best at {k} in flight: {conf}")
     for (client, k), m in runs.items():
-        ours_cpu = sum(v for n, v in m.cpu.items() if n != "server")
+        ours_cpu = sum(v for n, v in m.cpu.items() if n in OURS)
         server_cpu = m.cpu.get("server", 0)
         busy = (ours_cpu + server_cpu) / m.wall_s
         print(

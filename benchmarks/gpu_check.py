@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from benchmarks.common import target_line  # noqa: E402
 from trainers.step import all_reduce_sum, evaluate, target_tokens, train_step  # noqa: E402
 
 GPT2_LARGE = dict(n_layer=36, n_embd=1280, n_head=20, vocab_size=50257, n_positions=1024)
@@ -43,8 +44,7 @@ SMOKE = dict(n_layer=2, n_embd=64, n_head=2, vocab_size=512, n_positions=64)
 
 
 def target(name: str, value: float, op: str, threshold: float, unit: str = "") -> str:
-    ok = value >= threshold if op == ">=" else value <= threshold
-    return f"{name}: {value:.3g}{unit} (target {op} {threshold}{unit}: {'MET' if ok else 'MISSED'})"
+    return target_line(name, value, op, threshold, unit, ".3g")
 
 
 class FSDPEngine:

@@ -76,6 +76,8 @@ REPO = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO))
 
+from benchmarks.common import CpuMeter, target_line, write_json  # noqa: E402
+
 TARGET_BATCH_RATIO = 4.0  # batching on / off requests/s at --clients clients (issue #14)
 TARGET_SERVE_OVERHEAD_PCT = 15.0  # single-client p50 through Serve vs in-process (issue #14)
 APP = "serve_load"
@@ -225,49 +227,14 @@ def _group(pid: int, cmd: str) -> str:
     return "ray system"  # gcs, raylet, idle workers, log monitor, ...
 
 
-def cpu_snapshot() -> dict[str, Any]:
-    """CPU seconds so far of this process and every descendant (the whole local Ray cluster),
-    by pid; and the machine's busy and total seconds (other users of the machine included)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    procs: dict[int, tuple[int, str, float]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{d}/stat").read_text()
-            cmd = (
-                Path(f"/proc/{d}/cmdline")
-                .read_bytes()
-                .replace(b"\0", b" ")
-                .decode("utf-8", "replace")
-            )
-        except OSError:
-            continue
-        rest = stat[stat.rindex(")") + 2 :].split()
-        procs[int(d)] = (int(rest[1]), cmd, (int(rest[11]) + int(rest[12])) / tick)
-    kids: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in procs.items():
-        kids.setdefault(ppid, []).append(pid)
-    mine, todo = {}, [os.getpid()]
-    while todo:
-        pid = todo.pop()
-        if pid in procs:
-            mine[pid] = (_group(pid, procs[pid][1]), procs[pid][2])
-            todo += kids.get(pid, [])
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-    idle = fields[3] + fields[4]
-    return {"procs": mine, "busy": (sum(fields) - idle) / tick, "all": sum(fields) / tick}
+def cpu_meter() -> CpuMeter:
+    """CPU by Serve role, sampled from /proc (`benchmarks/common.py`, counted as every benchmark
+    counts it); `stop()` gives every group of CPU_GROUPS and the machine's busy seconds."""
+    return CpuMeter(lambda pid, cmd, parent: _group(pid, cmd))
 
 
-def cpu_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
-    """CPU seconds per group between two snapshots, plus machine-wide busy/total seconds."""
-    out = dict.fromkeys(CPU_GROUPS, 0.0)
-    for pid, (group, cpu) in after["procs"].items():
-        prev = before["procs"].get(pid)
-        out[group] += cpu - (prev[1] if prev else 0.0)
-    out["machine busy"] = after["busy"] - before["busy"]
-    out["machine all"] = after["all"] - before["all"]
-    return out
+def cpu_of(meter: CpuMeter) -> dict[str, float]:
+    return dict.fromkeys(CPU_GROUPS, 0.0) | meter.stop()
 
 
 # --- load --------------------------------------------------------------------------------------
@@ -353,10 +320,10 @@ async def run_load(
             if bad:
                 print(f"  warm-up: {len(bad)} failed, e.g. {bad[0].error}", flush=True)
         await replica_stats(reset=True)
-        cpu0, t0 = cpu_snapshot(), time.perf_counter()
+        meter, t0 = cpu_meter(), time.perf_counter()
         timed = await asyncio.gather(*(client(c, per_client, 0) for c in range(clients)))
         wall = time.perf_counter() - t0
-        cpu = cpu_delta(cpu0, cpu_snapshot())
+        cpu = cpu_of(meter)
     replies = [r for rs in timed for r in rs]
     return LoadResult(label, replies, wall, await replica_stats(), cpu)
 
@@ -388,7 +355,7 @@ async def run_single(
             problem = problems[i % len(problems)]
             if i == 0:
                 await replica_stats(reset=True)
-                cpu0, t0 = cpu_snapshot(), time.perf_counter()
+                meter, t0 = cpu_meter(), time.perf_counter()
             reply = await post(session, url, problem, args.timeout_s)
             t_local = time.perf_counter()
             sol = solve(problem, local, local)
@@ -400,7 +367,7 @@ async def run_single(
             local_timings.append(sol.timings)
             same += reply.ok and reply.answer == sol.answer and reply.steps == len(sol.steps)
         wall = time.perf_counter() - t0
-        cpu = cpu_delta(cpu0, cpu_snapshot())
+        cpu = cpu_of(meter)
     stats = await replica_stats()
     return SingleResult(serve_replies, local_s, local_timings, same, stats, cpu, wall)
 
@@ -537,12 +504,12 @@ def report(
     overhead_met = overhead <= TARGET_SERVE_OVERHEAD_PCT
     lines += [
         "",
-        f"batching on / off at {args.clients} clients: {ratio:.2f}x "
-        f"(target >= {TARGET_BATCH_RATIO:g}x: {'MET' if ratio_met else 'MISSED'})"
+        target_line(f"batching on / off at {args.clients} clients", ratio, ">=",
+                    TARGET_BATCH_RATIO, "x", ".2f")
         if off.replies
         else "batching on / off: not measured (--skip-off)",
-        f"Serve overhead on single-client p50: {overhead:.1f} % "
-        f"(target <= {TARGET_SERVE_OVERHEAD_PCT:g} %: {'MET' if overhead_met else 'MISSED'})",
+        target_line("Serve overhead on single-client p50", overhead, "<=",
+                    TARGET_SERVE_OVERHEAD_PCT, "%"),
         f"  p50 {p50_serve * 1000:.1f} ms through Serve vs {p50_local * 1000:.1f} ms in-process; "
         f"median of paired ratios {med(paired):+.1f} %",
         f"  Serve adds {1000 * added:.1f} ms to a single request: within "
@@ -718,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(continuous_lines(figures["continuous"])))
     figures["total_s"] = time.perf_counter() - started
     if args.json:
-        args.json.write_text(json.dumps(figures, indent=2, default=str))
+        write_json(args.json, figures)
         print(f"figures written to {args.json}")
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     return 0

@@ -74,6 +74,8 @@ REPO = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO))
 
+from benchmarks.common import target_line  # noqa: E402
+
 TARGET_RATIO = 0.85  # Ray Train + DeepSpeed tokens/s over the plain loop's
 TARGET_FEWER_TOKENS = 2.0  # solver tokens per problem, per-example over packed
 TARGET_PADDING = 0.10  # with length grouping
@@ -380,16 +382,8 @@ def timed_run(cfg: Any) -> tuple[dict[str, dict[str, Any]], float]:
 # --- report --------------------------------------------------------------------------------------
 
 
-def ok(met: bool) -> str:
-    return "MET" if met else "MISSED"
-
-
 def target(name: str, value: float, op: str, threshold: float, unit: str = "x") -> str:
-    """One target line, `NAME: VALUE (target OP THRESHOLD: MET|MISSED)` (check_targets.py)."""
-    met = value >= threshold if op == ">=" else value <= threshold
-    v = f"{value:.2f}{unit}" if unit == "x" else f"{value:.1f}{unit}"
-    t = f"{threshold:g}{unit}"
-    return f"{name}: {v} (target {op} {t}: {ok(met)})"
+    return target_line(name, value, op, threshold, unit, ".2f" if unit == "x" else ".1f")
 
 
 def format_report(m: dict[str, Any], args: argparse.Namespace) -> str:
