@@ -273,7 +273,96 @@ def test_extract_yesno(text: str, expected: str | None) -> None:
 
 def test_extract_unknown_kind() -> None:
     with pytest.raises(ValueError, match="unknown answer kind"):
-        extract_answer("5", kind="text")
+        extract_answer("5", kind="date")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # what teachers and chat models write
+        ("So the total is $\\boxed{72}$.", "72"),
+        ("\\boxed{\\frac{3}{4}}", "0.75"),
+        ("\\boxed{-\\dfrac{1}{3}}", "-1/3"),
+        ("Thus \\boxed{1{,}200} cookies", "1200"),
+        ("\\boxed{\\$18}", "18"),
+        ("\\boxed{45\\text{ minutes}} and 3 more", "45"),
+        ("Final Answer: The final answer is 42. I hope it is correct.", "42"),
+        ("**Final Answer:** 17", "17"),
+        ("She has 3 + 4 = 7 apples.\nA: 7", "7"),
+        ("A1: 3 + 4 = 7\nA2: 7 * 2 = 14", "14"),  # A1:/A2: are steps, not an A: line
+        ("She pays **$1,250** in all.", "1250"),
+        ("It costs €12.50.", "12.5"),
+        ("It costs £3,000 now", "3000"),
+        ("The answer is −8 degrees.", "-8"),
+        ("The answer is 12.5%", "12.5"),
+        ("The answer is 2/3 of a cup.", "2/3"),
+        # run-on: the model answered, then went on with a problem it made up
+        ("3 + 4 = 7. The answer is 7.\n\nQuestion: Tom has 5 pens. The answer is 12.", "7"),
+        ("#### 7\nProblem: A box holds 9. How many?\n#### 9", "7"),
+        ("Answer: 7<|endoftext|>Answer: 9", "7"),
+        ("The answer is 7.\nQ: How many legs? A: 8", "7"),
+        # a self-correction before any run-on still takes the last marker
+        ("The answer is 3. Wait, that is wrong: the answer is 4.", "4"),
+    ],
+)
+def test_extract_number_from_real_world_shapes(text: str, expected: str) -> None:
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("\\boxed{No}", "no"),
+        ("**Yes**, because Paris is in France.", "yes"),
+        ("Final Answer: no", "no"),
+        ("Answer: yes\nQuestion: Is water dry? Answer: no", "yes"),
+    ],
+)
+def test_extract_yesno_from_real_world_shapes(text: str, expected: str) -> None:
+    assert extract_answer(text, kind="yesno") == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("The answer is (B).", "B"),
+        ("Answer: c", "C"),
+        ("the answer is option D because ...", "D"),
+        ("\\boxed{A}", "A"),
+        ("I think **(E)** is right", "E"),
+        ("B", "B"),
+        ("Looking at (A) and (C), (C) fits.", "C"),
+        ("A dog is an animal.", None),  # an article, not a choice
+        ("Answer: A's reasoning is wrong", None),
+        ("Answer: (B)\nQuestion: next one. Answer: (D)", "B"),
+    ],
+)
+def test_extract_choice(text: str, expected: str | None) -> None:
+    assert extract_answer(text, kind="choice") == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "gold", "match"),
+    [
+        ("The answer is Paris.", "paris", True),
+        ("Answer: the Eiffel Tower!", "Eiffel tower", True),
+        ("\\boxed{George Washington}", "george washington", True),
+        ("Lyon\nbecause it is big", "Paris", False),
+        ("Answer: Paris, France.", "Paris", False),  # more words: not the same answer
+    ],
+)
+def test_extract_and_match_text(text: str, gold: str, match: bool) -> None:
+    assert answers_match(extract_answer(text, kind="text"), gold, kind="text") is match
+
+
+def test_choice_and_text_gold_answers_normalise() -> None:
+    assert normalize_answer("(b)", kind="choice") == "B"
+    assert answers_match("b", "B", kind="choice")
+    assert normalize_answer("  New   York ", kind="text") == "New York"
+    with pytest.raises(ValueError, match="choice letter"):
+        normalize_answer("Paris", kind="choice")
+    with pytest.raises(ValueError, match="short text"):
+        normalize_answer("  ", kind="text")
 
 
 @given(st.integers(-(10**12), 10**12))
