@@ -35,7 +35,15 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve.batching import GreedyBatcher
-from serve.placement import MODELS, PlacementError, check_fits, size_to_cluster
+from serve.placement import (
+    MODELS,
+    PlacementError,
+    autoscaler_running,
+    check_fits,
+    growable_node_types,
+    parse_node_types,
+    size_to_cluster,
+)
 from serve.validate import MAX_BODY_BYTES, check_text, read_json
 from socratic.formats import parse_solver
 from socratic.generate import Completion, Generator
@@ -352,6 +360,14 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     raises `PlacementError` here, at once, naming what it asked for and what the cluster has.
     Keep resources and scaling in these args, not in the YAML's `deployments:` (which Serve
     applies after this builder, unchecked).
+
+    On an autoscaling cluster the check counts the nodes the autoscaler can add: their node
+    types come from the GCS (`serve.placement.growable_node_types`; ray_cluster.yaml publishes
+    them) or from the optional `node_types` arg, a list of resource dicts (`{"CPU": 48, "GPU":
+    4}`) or `{name, resources, max_workers}` entries, which replaces what the GCS says (for a
+    cluster whose autoscaler publishes nothing). A replica that fits only a node type not yet
+    present is logged and Serve waits for the node; one that no node and no node type could
+    ever hold raises `PlacementError`. `node_types: []` checks against present nodes only.
     """
     import ray
 
@@ -376,9 +392,15 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         for name in MODELS:
             options[name].setdefault("ray_actor_options", {}).setdefault("num_gpus", num_gpus)
     cluster = ray.cluster_resources()
-    options = size_to_cluster(options, cluster)
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    check_fits(options, cluster, nodes)
+    if args.get("node_types") is not None:
+        node_types = parse_node_types(args["node_types"])
+        may_grow = False
+    else:
+        node_types = growable_node_types()
+        may_grow = node_types is None and autoscaler_running()
+    options = size_to_cluster(options, cluster, node_types, nodes)
+    check_fits(options, cluster, nodes, node_types, may_grow=may_grow)
     gpus = {n: options[n]["ray_actor_options"].get("num_gpus", 0) for n in MODELS}
     decomposer = StudentModel.options(name="Decomposer", **options["Decomposer"]).bind(
         args["decomposer"], num_gpus=gpus["Decomposer"], **model_kw
