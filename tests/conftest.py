@@ -49,3 +49,38 @@ def ray_cluster():
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A plain HF model dir (tiny GPT-2 + BPE trained on the bundled sample's formatted text)."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), sample_texts())
+
+
+@pytest.fixture(scope="session")
+def one_rank():
+    """A one-process gloo group, as Ray Train sets up in each worker, for the whole session.
+
+    One group, never re-created: DeepSpeed caches a clone of the world group
+    (`deepspeed.utils.groups._WORLD_GROUP`), so an engine built after a second
+    `init_process_group` broadcasts over the destroyed first group and fails
+    ("Group ... is not registered"), which is what two module-scoped groups did in CI.
+    """
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
+           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"}  # fmt: skip
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    import deepspeed
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

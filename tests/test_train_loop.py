@@ -8,8 +8,6 @@ in the functions `train_worker` calls, so they are called here directly on a rea
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -22,35 +20,6 @@ from trainers.holdout import split_by_problem, without_problems
 SAMPLE = list(load_problems(DatasetSpec("sample", split="train")))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    """A one-process gloo group, as Ray Train sets up in each worker."""
-    import torch.distributed as dist
-
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0",
-           "WORLD_SIZE": "1", "LOCAL_RANK": "0"}  # fmt: skip
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    import deepspeed
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
