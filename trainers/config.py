@@ -169,6 +169,9 @@ class TrainConfig:
         The driver reads it once per run, so this is also where the run says, once, which
         DeepSpeed setting came from where (`deepspeed_plan`)."""
         path = Path(self.deepspeed)
+        packaged = Path(__file__).resolve().parents[1] / self.deepspeed
+        if not path.is_file() and not path.is_absolute() and packaged.is_file():
+            path = packaged  # the shipped configs name `trainers/ds_zero2.json`: from a wheel
         if not path.is_file():
             raise FileNotFoundError(f"--deepspeed: no DeepSpeed config at {path.resolve()}")
         try:
