@@ -4,17 +4,20 @@
         --dataset gsm8k --split train --output s3://bucket/gsm8k-train --model gpt-4o-mini
 
 Pipeline: problems, read lazily in chunks of `--chunk-rows` -> drop those already answered in
---output -> one async actor (AsyncOpenAI, bounded requests in flight, rate limits, retries)
-calls the teacher -> parse the reply into steps -> verify the last step's answer against gold
-and every `<<expr=value>>` with the calculator -> journal the row at once -> Parquet. Accepted
-and rejected rows are both written (nothing a user paid for is thrown away), and
+--output -> one async actor (aiohttp by default, bounded requests in flight, rate limits,
+retries; the run's stop signal and spend cap shared by every actor, `run_ledger.py`) calls the
+teacher -> parse the reply into steps -> verify the last step's answer against gold and every
+`<<expr=value>>` with the calculator -> journal the row at once -> Parquet. Accepted and
+rejected rows are both written (nothing a user paid for is thrown away), and
 `summary.json` beside them counts what is in the Parquet, not what was sent.
 
 Resume: a rerun into the same output calls the teacher only for (problem, sample) pairs with no
 row yet, in Parquet or in the journal (`pipelines/journal.py`) an interrupted run left. A row
 rejected for a transient reason (429, 5xx, timeout, connection) is dropped from its file and
 retried; a file an interrupted run left half-written is removed. Either way every problem ends
-present exactly once per sample. `--mode gold` writes the dataset's own human decompositions
+present exactly once per sample. One run at a time per output: a second run into an output a
+live run holds refuses, naming it; a killed run's lock is taken over (`output_lock.py`).
+`--mode gold` writes the dataset's own human decompositions
 with the same schema and no teacher call (the paper's human-annotation set-up).
 
 Spend: before any call the run prints an estimate (calls, tokens, USD); `--max-cost-usd` refuses
@@ -59,6 +62,7 @@ from pipelines.chunks import run_online
 from pipelines.journal import output_fs
 from pipelines.keys import KeySet
 from pipelines.output import parquet_files, prepare_output
+from pipelines.output_lock import OutputLock, OutputLocked
 from pipelines.spend import SpendRefused, estimate_spend, format_estimate, wave_size
 from pipelines.summary import format_summary, summarize
 from pipelines.teacher_client import FatalTeacherError
@@ -70,6 +74,7 @@ from socratic.config import parse_config
 # the docstring names).
 __all__ = [
     "AnnotateConfig",
+    "OutputLocked",
     "SpendRefused",
     "TeacherAnnotator",
     "annotator_kwargs",
@@ -91,7 +96,20 @@ OPENAI_CLIENT_BUSY_IN_FLIGHT = 256
 
 
 def run(cfg: AnnotateConfig) -> dict[str, Any]:
-    """Annotate and return the summary (also written to `<output>/summary.json`)."""
+    """Annotate and return the summary (also written to `<output>/summary.json`).
+
+    Local paths are made absolute here, on the driver, before any actor gets the config; the
+    output's lock (`pipelines/output_lock.py`) is held from before the resume step touches the
+    output until the run ends, however it ends. Raises `OutputLocked` when another run has it."""
+    cfg = cfg.with_absolute_paths()
+    lock = OutputLock(*output_fs(cfg.output), "annotate", force=cfg.force_unlock)
+    try:
+        return _annotate(cfg, lock)
+    finally:
+        lock.release()
+
+
+def _annotate(cfg: AnnotateConfig, lock: OutputLock) -> dict[str, Any]:
     t0 = time.perf_counter()
     fs, root = output_fs(cfg.output)
     if cfg.mode == "teacher":
@@ -111,6 +129,7 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
             "(~0.2 ms) or more --actors go further",
             cfg.max_in_flight,
         )
+    lock.acquire()  # before the resume step: it removes files a live run would be writing
     state = prepare_output(fs, root)
     runner, pending = None, KeySet()
     if cfg.batch_api:
@@ -178,6 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpendRefused as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except OutputLocked as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     if summary.get("dry_run"):
         return 0  # the estimate is printed already
     print(format_summary(summary))

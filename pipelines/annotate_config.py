@@ -6,9 +6,10 @@ Its own module because every part of the job reads it: the driver, the teacher-c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from pipelines.journal import absolute
 from pipelines.prompting import STEP_CHECKS, STYLES, Prompt
 from pipelines.teacher_client import Prices
 from socratic.adapters import DATASETS
@@ -49,12 +50,17 @@ class AnnotateConfig:
     with_gold_solution: bool = option(
         True, help="show the teacher the gold solution, where the dataset has one"
     )
-    max_in_flight: int = option(32, help="teacher requests in flight per actor")
+    max_in_flight: int = option(
+        32,
+        help="teacher requests in flight per actor; until a first reply proves the key and model "
+        "right, per run (so a wrong key costs at most this many calls)",
+    )
     http_client: str = option(
-        "openai",
-        help="openai: the openai client; aiohttp: the same protocol over plain aiohttp, ~10x less "
-        "CPU per call (for thousands of calls in flight)",
-        choices=("openai", "aiohttp"),
+        "aiohttp",
+        help="aiohttp: the OpenAI protocol over plain aiohttp, 6-10x less CPU per call than the "
+        "openai client (the one that keeps up with thousands of calls in flight on 2 cores); "
+        "openai: the openai package's AsyncOpenAI",
+        choices=("aiohttp", "openai"),
     )
     actors: int = option(1, help="teacher-calling actors (one async actor is fastest for I/O)")
     actor_cpus: float = option(
@@ -71,8 +77,10 @@ class AnnotateConfig:
     price_out: float | None = option(None, help="USD per 1M completion tokens, for the cost line")
     max_cost_usd: float | None = option(
         None,
-        help="refuse to start when the estimate is above this, and stop once the spend counted "
-        "from real usage reaches it (needs --price-in/--price-out); a rerun resumes. With "
+        help="refuse to start when the estimate is above this, and, per run across all actors, "
+        "start a call only while the real spend so far, the calls in flight at their bound "
+        "(prompt bytes + --max-tokens) and its own bound fit (needs --price-in/--price-out); a "
+        "rerun resumes. With "
         "--batch-api: stop submitting new batches once the estimated cost of the submitted ones "
         "would pass it (a batch cannot be stopped part-way)",
     )
@@ -135,6 +143,12 @@ class AnnotateConfig:
     )
     address: str | None = option(None, help="Ray address (default: RAY_ADDRESS or a local cluster)")
     seed: int = option(0, help="seed for retry jitter and seeded dataset splits")
+    force_unlock: bool = option(
+        False,
+        help="take over the output's lock (<output>/_run.lock) held by a run on another host, "
+        "which cannot be checked from here: only when that run is certainly gone. A run on this "
+        "host is checked: a dead one's lock is taken over anyway, a live one's never",
+    )
 
     def __post_init__(self) -> None:
         if self.samples < 1:
@@ -157,6 +171,19 @@ class AnnotateConfig:
             raise ValueError("--batch-max-active must be at least 1")
         if self.estimate_wave < 0:
             raise ValueError("--estimate-wave must be 0 (off) or a number of calls")
+
+    def with_absolute_paths(self) -> AnnotateConfig:
+        """Local paths (`--output`, `--path`, `--prompt`) made absolute against the driver's
+        working dir; URIs as they are. The actors get this config: a relative path would be
+        resolved in a Ray worker's own working dir (under `ray job submit --working-dir`, or on
+        another node, not the driver's), so the journal would land elsewhere and the kill -9
+        resume would silently find nothing."""
+        return replace(
+            self,
+            output=absolute(self.output),
+            path=absolute(self.path) if self.path else self.path,
+            prompt=absolute(self.prompt) if self.prompt else self.prompt,
+        )
 
     @property
     def prices(self) -> Prices:

@@ -29,7 +29,8 @@ cluster has fails at once with what was asked and what there is.
 Output: `<output>/predictions/<method>/*.parquet`, one row per problem and setting (id, gold,
 predicted, steps, correct, tokens generated, ...); `summary.json` and `results.md` hold the
 accuracy per method and dataset. Both are computed from the Parquet read back, not from what
-the actors returned. A rerun replaces the predictions of the methods it evaluates.
+the actors returned. A rerun replaces the predictions of the methods it evaluates; while a run
+holds the output (`<output>/_run.lock`), a second run into it refuses, naming the first.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.journal import output_fs
+from pipelines.journal import absolute, output_fs
 from pipelines.output import parquet_files
+from pipelines.output_lock import OutputLock, OutputLocked
 from socratic.adapters import DATASETS, DatasetSpec, load_problems
 from socratic.answers import answers_match, extract_answer
 from socratic.config import option, parse_config
@@ -146,6 +148,11 @@ class EvaluateConfig:
     )
     output: str = option("outputs/eval", help="output folder: local path or a pyarrow URI")
     address: str | None = option(None, help="Ray address (default: RAY_ADDRESS or a local cluster)")
+    force_unlock: bool = option(
+        False,
+        help="take over the output's lock (<output>/_run.lock) held by a run on another host, "
+        "which cannot be checked from here: only when that run is certainly gone",
+    )
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.method_list if m not in METHODS]
@@ -162,6 +169,20 @@ class EvaluateConfig:
 
     def model_dir(self, role: str) -> str:
         return getattr(self, role) or str(Path(self.models) / role)
+
+    def with_absolute_paths(self) -> EvaluateConfig:
+        """Local paths (model dirs, `--output`, `--path`) made absolute against the driver's
+        working dir; URIs as they are. The actors load the models: a relative dir would be
+        resolved in a Ray worker's own working dir (under `ray job submit --working-dir`, or on
+        another node), not the one the driver checked."""
+        roles = ("decomposer", "solver", "unified", "cot", "answer")
+        return replace(
+            self,
+            path=absolute(self.path) if self.path else self.path,
+            models=absolute(self.models),
+            output=absolute(self.output),
+            **{r: absolute(getattr(self, r)) for r in roles if getattr(self, r)},
+        )
 
 
 def check_models(cfg: EvaluateConfig) -> dict[str, str]:
@@ -310,14 +331,29 @@ def problem_items(cfg: EvaluateConfig) -> list[dict[str, Any]]:
 
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
     """Evaluate every method; returns the summary (also in `<output>/summary.json`)."""
-    import ray
-
     t0 = time.perf_counter()
+    cfg = cfg.with_absolute_paths()  # here, on the driver: the actors get these dirs
     dirs = check_models(cfg)
     items = problem_items(cfg)
     if not items:
         raise ValueError(f"{cfg.dataset}/{cfg.split}: no problems to evaluate")
     fs, root = output_fs(cfg.output)
+    # Before any prediction is replaced: a second run would delete the first one's half-written
+    # predictions under it. Raises OutputLocked, naming the run that holds it.
+    with OutputLock(fs, root, "evaluate", force=cfg.force_unlock):
+        return _evaluate(cfg, dirs, items, fs, root, t0)
+
+
+def _evaluate(
+    cfg: EvaluateConfig,
+    dirs: dict[str, str],
+    items: list[dict[str, Any]],
+    fs: pafs.FileSystem,
+    root: str,
+    t0: float,
+) -> dict[str, Any]:
+    import ray
+
     if not ray.is_initialized():
         from socratic.ray_address import resolve_address
 
@@ -551,6 +587,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OutputLocked as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     print(format_summary(summary))
     print(results_markdown(summary))
     return 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import posixpath
 import time
 import uuid
@@ -29,6 +30,16 @@ import pyarrow.fs as pafs
 
 log = logging.getLogger("annotate.journal")
 JOURNAL_DIR = "_journal"
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute against this process's working dir (`~` expanded, symlinks
+    kept: a dataset file's name says its format); a URI (`s3://`, anything with `://`) as it is.
+
+    Call it on the driver, once, before a path reaches a Ray task or actor: a worker resolves a
+    relative path against its own working dir, which under `ray job submit --working-dir` (or on
+    another node) is not the driver's, so it would read or write somewhere else, silently."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
 def output_fs(output: str) -> tuple[pafs.FileSystem, str]:

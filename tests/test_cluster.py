@@ -241,9 +241,12 @@ def test_no_stage_places_work_by_node_name() -> None:
         r"NodeAffinitySchedulingStrategy|node_id\s*=|[\"']node:|gethostname|platform\.node|"
         r"node_ip_address\s*="
     )
+    # Names a host without placing anything there: the output lock records its owner's host so
+    # that a second run can tell a live owner (same host, pid alive) from a dead one.
+    not_placement = {REPO / "pipelines" / "output_lock.py"}
     for folder in ("pipelines", "trainers", "serve"):
         for path in (REPO / folder).rglob("*"):
-            if path.suffix in (".py", ".yaml", ".json"):
+            if path.suffix in (".py", ".yaml", ".json") and path not in not_placement:
                 assert not pattern.search(path.read_text()), path
 
 
