@@ -7,6 +7,8 @@ arguments in its GCS. Ray ships this class to its workers by reference to this m
 from __future__ import annotations
 
 import asyncio
+import copy
+import logging
 import os
 from typing import Any
 
@@ -16,6 +18,7 @@ from pipelines.annotate_config import AnnotateConfig
 from pipelines.journal import Journal
 from pipelines.judging import teacher_row
 from pipelines.prompting import Prompt
+from pipelines.run_ledger import LedgerRef
 from pipelines.teacher_client import (
     BudgetExhausted,
     FatalTeacherError,
@@ -24,6 +27,9 @@ from pipelines.teacher_client import (
     TeacherClient,
 )
 from socratic.records import annotation_table, problem_from_row
+
+log = logging.getLogger("annotate")
+CLOSE_TIMEOUT_S = 5.0  # for closing the client at actor exit
 
 
 def check_api_key(cfg: AnnotateConfig) -> None:
@@ -55,16 +61,40 @@ class TeacherAnnotator:
 
     Every finished row goes to the journal before it is returned, so an answer is durable the
     moment it arrives rather than when Ray Data has written the whole block.
+
+    With the run's ledger (`ledger`, `pipelines/run_ledger.py`) every call passes the run's one
+    stop signal and spend cap. A fatal error (or a key missing on this node) then stops the
+    run's calls everywhere, and the actor's batches end without rows for the calls not made:
+    the chunk drains, and the driver raises the ledger's error, typed. Without one (a direct,
+    in-process use) the gate is this actor's own, and the error is raised from `__call__`.
+
+    `close()` closes the HTTP session and gives back what the gate holds. Ray Data has no end
+    hook for a callable class but its destructor: on a graceful actor exit it drops the instance
+    (`_MapWorker.__ray_shutdown__`), so `__del__` runs `close()` on the loop the calls ran on.
+    Else aiohttp reports its session and every pooled connection as unclosed on stderr.
     """
 
-    def __init__(self, cfg: AnnotateConfig, budget_usd: float | None = None) -> None:
+    def __init__(self, cfg: AnnotateConfig, ledger: LedgerRef | None = None) -> None:
         self.cfg = cfg
         self.prompts: dict[str, Prompt] = {}
         self.journal = Journal(cfg.output)
+        self._ledger = ledger
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        gate = ledger.gate(block_calls=cfg.max_in_flight) if ledger is not None else None
+        try:
+            key = actor_api_key(cfg)
+        except FatalTeacherError as e:
+            if gate is None:
+                raise
+            # Raised here, Ray would hand the driver only its text (ActorDiedError): the
+            # ledger carries it instead, typed, and every call is refused.
+            gate.fail(e)
+            key = Secret("")
         self.client = TeacherClient(
             model=cfg.model,
             base_url=cfg.base_url,
-            api_key=actor_api_key(cfg),
+            api_key=key,
             max_in_flight=cfg.max_in_flight,
             timeout_s=cfg.timeout,
             rpm=cfg.rpm / cfg.actors if cfg.rpm else None,
@@ -73,8 +103,9 @@ class TeacherAnnotator:
             sampling=cfg.sampling,
             seed=cfg.seed,
             prices=cfg.prices,
-            budget_usd=budget_usd,
+            budget_usd=cfg.max_cost_usd,
             http_client=cfg.http_client,
+            gate=gate,
         )
 
     async def _one(self, item: dict[str, Any]) -> dict[str, Any] | None:
@@ -84,8 +115,8 @@ class TeacherAnnotator:
         prompt = self.prompts[p.answer_kind]
         try:
             result = await self.client.complete(prompt.messages(p, self.cfg.with_gold_solution))
-        except BudgetExhausted:
-            return None  # never called: no row, so the rerun does it
+        except FatalTeacherError:  # the run stops (BudgetExhausted: the cap): no row, so the
+            return None  # rerun does it
         row = teacher_row(
             self.cfg,
             p,
@@ -99,10 +130,51 @@ class TeacherAnnotator:
         return row
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = await asyncio.gather(*(self._one(item) for item in batch.to_pylist()))
+        self._loop = asyncio.get_running_loop()
+        stop = self.client.gate.stopped
+        if stop is None:
+            rows = await asyncio.gather(*(self._one(item) for item in batch.to_pylist()))
+            stop = self.client.gate.stopped
+        else:
+            rows = []  # stopped: the rest of the chunk drains without a call
+        if stop is not None and self._ledger is None and not isinstance(stop, BudgetExhausted):
+            raise copy.copy(stop)
         return annotation_table(r for r in rows if r is not None)
 
+    async def close(self) -> None:
+        """Close the client (its HTTP session, its gate) and the journal; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self.client.close()
+        finally:
+            self.journal.close()
 
-def annotator_kwargs(cfg: AnnotateConfig, budget_usd: float | None) -> dict[str, Any]:
-    """What Ray stores for each actor (in the GCS): configuration, never the key."""
-    return {"cfg": cfg, "budget_usd": budget_usd}
+    def __del__(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        loop = self._loop
+        try:
+            if loop is None or loop.is_closed():
+                self._closed = True  # no call ever ran on a loop that is still there
+                self.journal.close()
+                return
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is loop:
+                loop.create_task(self.close())
+            elif loop.is_running():
+                asyncio.run_coroutine_threadsafe(self.close(), loop).result(timeout=CLOSE_TIMEOUT_S)
+            else:
+                loop.run_until_complete(self.close())
+        except Exception as e:  # noqa: BLE001 - a destructor must not raise
+            log.warning("closing the teacher client at actor exit failed: %s", e)
+
+
+def annotator_kwargs(cfg: AnnotateConfig, ledger: LedgerRef | None) -> dict[str, Any]:
+    """What Ray stores for each actor (in the GCS): configuration and the ledger's handle,
+    never the key."""
+    return {"cfg": cfg, "ledger": ledger}

@@ -71,10 +71,11 @@ from pipelines.teacher_client import (
     CallResult,
     FatalTeacherError,
     RetryPolicy,
+    TransientTeacherError,
     body_message,
-    classify,
     error_message,
     fatal_for,
+    teacher_error,
 )
 from socratic.records import ANNOTATION_SCHEMA, annotation_table, problem_from_row
 
@@ -558,22 +559,22 @@ class BatchRunner:
 
         if not isinstance(exc, openai.OpenAIError):
             raise exc
-        try:
-            kind, retryable, retry_after = classify(exc)
-        except FatalTeacherError as fatal:
+        err = teacher_error(exc)
+        if isinstance(err, FatalTeacherError):
             hint = ""
-            if getattr(exc, "status_code", None) == 404:
+            if err.status == 404:
                 hint = " (--batch-api needs OpenAI's /v1/files and /v1/batches endpoints)"
-            raise FatalTeacherError(f"Batch API, {what}: {fatal}{hint}") from None
-        if not retryable or attempt >= self.retry.max_retries:
-            tries = f" after {attempt + 1} attempts" if retryable else ""
             raise FatalTeacherError(
-                f"Batch API, {what}: api_error: {kind}: {error_message(exc)}{tries}"
+                f"Batch API, {what}: {err}{hint}", kind=err.kind, status=err.status
             ) from None
-        delay = self.retry.delay(attempt, retry_after, self._rng)
-        log.warning(
-            "Batch API, %s: %s (%s); retrying in %.1f s", what, kind, error_message(exc), delay
-        )
+        if not isinstance(err, TransientTeacherError) or attempt >= self.retry.max_retries:
+            retried = isinstance(err, TransientTeacherError)
+            tries = f" after {attempt + 1} attempts" if retried else ""
+            raise FatalTeacherError(
+                f"Batch API, {what}: {err.reason}{tries}", kind=err.kind, status=err.status
+            ) from None
+        delay = self.retry.delay(attempt, err.retry_after, self._rng)
+        log.warning("Batch API, %s: %s (%s); retrying in %.1f s", what, err.kind, err, delay)
         return delay
 
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:

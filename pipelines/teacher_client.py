@@ -1,22 +1,32 @@
-"""The teacher client: one `AsyncOpenAI` with bounded calls in flight, rate limits, retries.
+"""The teacher client: one HTTP client with bounded calls in flight, rate limits, retries.
 
-Any OpenAI-compatible endpoint works (OpenAI, vLLM, our own `serve/local_teacher.py`): calls go
-through the `openai` client with its own retries off (`max_retries=0`), because the retries are
-ours: we count them, honour `Retry-After`, back off with jitter, and turn a call that still fails
-into a rejected row with its reason instead of an exception that kills the job. A refused key or
-an unknown model (401/403/404) stops everything, since every later call would fail the same way.
-What to ask and how to judge the answer lives in `pipelines/prompting.py`.
+Any OpenAI-compatible endpoint works (OpenAI, vLLM, our own `serve/local_teacher.py`). Online
+calls go through plain aiohttp by default (`AiohttpChat`: 6-10x less CPU per call than the
+`openai` client, measured), or through `openai.AsyncOpenAI` with its own retries off
+(`max_retries=0`, `--http-client openai`). The retries are ours: we count them, honour
+`Retry-After`, back off with jitter, and turn a call that still fails into a rejected row with
+its reason instead of an exception that kills the job.
+
+Errors are types, mapped once at the client boundary (`teacher_error`): `FatalTeacherError`
+(a refused key, an unknown model: every later call would fail the same way, so the run stops),
+`TransientTeacherError` (retried, with the server's `retry_after`) and `ContentTeacherError`
+(this row gets no usable answer: rejected). Every call passes a gate first (`CallGate`): the
+stop signal and the spend cap, per client here (`LocalGate`) or per run across Ray actors
+(`pipelines/run_ledger.py`). What to ask and how to judge the answer lives in
+`pipelines/prompting.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import email.utils
+import json
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 # --- rate limits -------------------------------------------------------------------------------
 
@@ -82,6 +92,178 @@ class RateLimiter:
             self._tokens -= actual - estimated
 
 
+# --- errors ------------------------------------------------------------------------------------
+
+
+class TeacherError(RuntimeError):
+    """A teacher call that failed, as one of three kinds, whichever HTTP client made it.
+
+    Each client's own exceptions (the `openai` client's, aiohttp's, a bad status or body) are
+    mapped to these once, at the client boundary (`teacher_error`), as httpx maps its
+    transport's errors: callers branch on the type, never on a message. `kind` is the label a
+    rejected row's reason carries (`api_error: <kind>: <message>`): the HTTP status, or
+    `timeout`, `connection`, `malformed_response`, `content_filter`; `status` is the HTTP status
+    where there was one.
+
+    Picklable with every field: Ray pickles an exception raised in an actor to hand it to the
+    driver, and `Exception`'s own pickling would call `cls(*args)` and drop the rest.
+    """
+
+    default_kind = "error"
+
+    def __init__(self, message: str = "", *, kind: str | None = None, status: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.kind = kind or self.default_kind
+        self.status = status
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message,), dict(self.__dict__))
+
+    @property
+    def reason(self) -> str:
+        """What a row rejected for this error says (`pipelines.prompting.is_transient` reads it)."""
+        return f"api_error: {self.kind}: {self.message}"
+
+
+class FatalTeacherError(TeacherError):
+    """Retrying cannot help and every later call would fail alike: stop the run (a refused key,
+    an unknown model or base URL; the spend cap, as `BudgetExhausted`)."""
+
+    default_kind = "fatal"
+
+
+class TransientTeacherError(TeacherError):
+    """Try this call again later: rate limited, a 5xx, a timeout, a dropped connection.
+    `retry_after` is the wait the server asked for (seconds), if it said."""
+
+    default_kind = "transient"
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        kind: str | None = None,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, kind=kind, status=status)
+        self.retry_after = retry_after
+
+
+class ContentTeacherError(TeacherError):
+    """This row's call gets no usable answer, and asking again would get the same: a reply that
+    is no completion (malformed JSON, no choices), a content filter, a request the endpoint
+    refuses as asked (400, 422). The row is rejected with its reason; the run goes on."""
+
+    default_kind = "content"
+
+
+class BudgetExhausted(FatalTeacherError):
+    """The spend cap (`--max-cost-usd`) would be passed: no new call starts; the row stays to do."""
+
+    default_kind = "budget"
+
+
+def fatal_for(code: int, message: str) -> FatalTeacherError | None:
+    """The error that stops a run for an HTTP status no retry can fix (401, 403, 404)."""
+    if code in (401, 403):
+        return FatalTeacherError(
+            f"the teacher endpoint refused the request ({code}): {message}. "
+            "Check the API key variable (--api-key-env) and the model name.",
+            kind=str(code),
+            status=code,
+        )
+    if code == 404:
+        return FatalTeacherError(
+            f"the teacher endpoint answered 404: {message}. Check --model and --base-url "
+            "(an OpenAI-compatible base URL usually ends in /v1).",
+            kind="404",
+            status=404,
+        )
+    return None
+
+
+def status_error(
+    status: int, headers: Mapping[str, str] | None, body: Any, default: str
+) -> TeacherError:
+    """The error for a reply with `status` (an error status, or a 2xx whose body is no
+    completion). A wrong key, model name or base URL fails every call alike, so it stops the
+    run: rejecting each row instead would also make a rerun skip them all after the fix."""
+    message = body_message(body, default)
+    fatal = fatal_for(status, message)
+    if fatal is not None:
+        return fatal
+    if 200 <= status < 300:
+        return ContentTeacherError(message, kind="malformed_response", status=status)
+    if status in (408, 409, 429) or status >= 500:
+        lower = {k.lower(): v for k, v in headers.items()} if headers else None
+        return TransientTeacherError(
+            message, kind=str(status), status=status, retry_after=retry_after_seconds(lower)
+        )
+    return ContentTeacherError(message, kind=str(status), status=status)
+
+
+def teacher_error(exc: BaseException) -> TeacherError:
+    """The one mapping of whatever a call raised (the `openai` client, aiohttp, the runtime) to
+    the `TeacherError` tree. Anything unknown rejects the row (`ContentTeacherError` named by
+    its type) rather than killing the job: one bad row must not stop a run (ray #59194)."""
+    if isinstance(exc, TeacherError):
+        return exc
+    message = error_message(exc)
+    module = type(exc).__module__
+    if module.startswith("openai"):
+        import openai
+
+        if isinstance(exc, openai.APIStatusError):
+            headers = exc.response.headers if exc.response is not None else None
+            return status_error(exc.status_code, headers, exc.body, message)
+        if isinstance(exc, openai.APITimeoutError):  # before its base, APIConnectionError
+            return TransientTeacherError(message, kind="timeout")
+        if isinstance(exc, openai.APIConnectionError):
+            return TransientTeacherError(message, kind="connection")
+        if isinstance(exc, openai.APIResponseValidationError):
+            return ContentTeacherError(message, kind="malformed_response")
+    if isinstance(exc, json.JSONDecodeError):  # the openai client's, for a body that is no JSON
+        return ContentTeacherError(message, kind="malformed_response")
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):  # aiohttp's ServerTimeoutError too
+        return TransientTeacherError(message, kind="timeout")
+    if module.startswith("aiohttp"):
+        import aiohttp
+
+        if isinstance(exc, aiohttp.InvalidURL):
+            return FatalTeacherError(f"the teacher URL is not valid: {message}", kind="url")
+        if isinstance(exc, aiohttp.ClientError):
+            return TransientTeacherError(message, kind="connection")
+    return ContentTeacherError(message, kind=type(exc).__name__)
+
+
+def reply_text(content: str | None, finish_reason: str | None, status: int = 200) -> str:
+    """The text of a completion's first choice; a filtered one is an error, not an answer."""
+    if finish_reason == "content_filter":
+        raise ContentTeacherError(
+            "the endpoint's content filter stopped the reply", kind="content_filter", status=status
+        )
+    return content or ""
+
+
+def body_message(body: Any, default: str) -> str:
+    """The message of an OpenAI error body (`{"error": {"message": ...}}`), else `default`.
+
+    Online replies and Batch API error lines carry the same body, so both read it here."""
+    if isinstance(body, Mapping):
+        err = body.get("error", body)
+        if isinstance(err, Mapping) and err.get("message"):
+            return str(err["message"])[:200]
+    return default
+
+
+def error_message(exc: BaseException) -> str:
+    """A short message for a failed call: the error body's, else the exception's first line."""
+    default = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return body_message(getattr(exc, "body", None), default)
+
+
 # --- calling -----------------------------------------------------------------------------------
 
 
@@ -98,10 +280,6 @@ class Secret:
         return "Secret(****)"
 
     __str__ = __repr__
-
-
-class FatalTeacherError(RuntimeError):
-    """The endpoint refused our credentials or model: stop the job, every call would fail."""
 
 
 @dataclass(frozen=True)
@@ -161,78 +339,15 @@ def retry_after_seconds(
     return max(0.0, when - (time.time() if now is None else now))
 
 
-def fatal_for(code: int, message: str) -> FatalTeacherError | None:
-    """The error that stops a run for an HTTP status no retry can fix (401, 403, 404)."""
-    if code in (401, 403):
-        return FatalTeacherError(
-            f"the teacher endpoint refused the request ({code}): {message}. "
-            "Check the API key variable (--api-key-env) and the model name."
-        )
-    if code == 404:
-        return FatalTeacherError(
-            f"the teacher endpoint answered 404: {message}. Check --model and --base-url "
-            "(an OpenAI-compatible base URL usually ends in /v1)."
-        )
-    return None
-
-
-def classify(exc: BaseException) -> tuple[str, bool, float | None]:
-    """(kind, retryable, retry_after) for an exception the openai client (or aiohttp) raised."""
-    import openai
-
-    if isinstance(exc, (HTTPStatusFailure, openai.APIStatusError)):
-        code = exc.status_code
-        fatal = fatal_for(code, error_message(exc))
-        if fatal is not None:
-            # A wrong key, model name or base URL fails every call alike. Rejecting each row
-            # instead would also make a rerun skip them all (404 is not transient) after the fix.
-            raise fatal from None
-        if isinstance(exc, HTTPStatusFailure):
-            if 200 <= code < 300:
-                return "malformed_response", False, None
-            headers: Mapping[str, str] | None = {k.lower(): v for k, v in exc.headers.items()}
-        else:
-            headers = exc.response.headers if exc.response else None
-        return str(code), code in (408, 409, 429) or code >= 500, retry_after_seconds(headers)
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError, openai.APITimeoutError)):
-        return "timeout", True, None
-    if type(exc).__module__.startswith("aiohttp") or isinstance(exc, openai.APIConnectionError):
-        return "connection", True, None
-    return type(exc).__name__, False, None
-
-
-def body_message(body: Any, default: str) -> str:
-    """The message of an OpenAI error body (`{"error": {"message": ...}}`), else `default`.
-
-    Online replies and Batch API error lines carry the same body, so both read it here."""
-    if isinstance(body, Mapping):
-        err = body.get("error", body)
-        if isinstance(err, Mapping) and err.get("message"):
-            return str(err["message"])[:200]
-    return default
-
-
-def error_message(exc: BaseException) -> str:
-    """A short message for a failed call: the error body's, else the exception's first line."""
-    default = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-    return body_message(getattr(exc, "body", None), default)
-
-
-class HTTPStatusFailure(Exception):
-    """A non-2xx reply on the aiohttp path, with what `classify` needs from it."""
-
-    def __init__(self, status: int, headers: Mapping[str, str], body: Any) -> None:
-        super().__init__(f"HTTP {status}")
-        self.status_code, self.headers, self.body = status, headers, body
-
-
 class AiohttpChat:
     """Chat completions over one `aiohttp` session: the OpenAI wire protocol, nothing else.
 
     Measured on 2 loaded cores against the 200 ms test server, 64 in flight: 0.32 ms of CPU per
     call, against 4.4 ms for `openai.AsyncOpenAI` (3.1 ms with its aiohttp transport): the
     client's request building and pydantic parsing, not the network, were the pipeline's CPU
-    per row. Opt-in (`--http-client aiohttp`) where thousands of calls per second matter.
+    per row. The default for online calls (`--http-client`). Raises `TeacherError`s only;
+    `close()` closes the session and its pooled connections (else aiohttp reports each one as
+    unclosed when the process exits).
     """
 
     def __init__(self, base_url: str | None, api_key: Secret, timeout_s: float) -> None:
@@ -242,6 +357,12 @@ class AiohttpChat:
         self._session: Any = None
 
     async def create(self, model: str, messages: list, **sampling: Any) -> tuple[str, int, int]:
+        try:
+            return await self._post({"model": model, "messages": messages, **sampling})
+        except Exception as exc:  # noqa: BLE001 - the client boundary: mapped, nothing else out
+            raise teacher_error(exc) from exc
+
+    async def _post(self, payload: dict[str, Any]) -> tuple[str, int, int]:
         import aiohttp
 
         if self._session is None:
@@ -250,26 +371,26 @@ class AiohttpChat:
                 timeout=aiohttp.ClientTimeout(total=self._timeout_s),
                 connector=aiohttp.TCPConnector(limit=0),
             )
-        payload = {"model": model, "messages": messages, **sampling}
         async with self._session.post(self.url, json=payload) as r:
             try:
                 body = await r.json(content_type=None)
             except ValueError:
                 body = None
             if r.status >= 400 or not isinstance(body, dict):
-                raise HTTPStatusFailure(r.status, dict(r.headers), body)
-        choices = body.get("choices") or [{}]
+                raise status_error(r.status, r.headers, body, f"HTTP {r.status}")
+            status = r.status
+        choices = body.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise ContentTeacherError("the reply has no choices", kind="malformed_response")
         usage = body.get("usage") or {}
-        text = (choices[0].get("message") or {}).get("content") or ""
+        message = choices[0].get("message") or {}
+        text = reply_text(message.get("content"), choices[0].get("finish_reason"), status)
         return text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-
-class BudgetExhausted(RuntimeError):
-    """The spend cap (`--max-cost-usd`) is reached: no new call starts; the row stays to do."""
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
 
 @dataclass(frozen=True)
@@ -283,15 +404,100 @@ class Prices:
         return (prompt_tokens * self.prompt + completion_tokens * self.completion) / 1e6
 
 
+# Chat framing per message and per call, in tokens, above any chat template's (OpenAI's: 4 and 3).
+FRAMING_TOKENS = 8
+
+
+def prompt_token_bound(messages: Sequence[Mapping[str, Any]]) -> int:
+    """At most this many prompt tokens, whatever the tokenizer: byte-level BPE tokens are at
+    least one byte each, so UTF-8 bytes plus framing bound the count (about 4x the usual count
+    of English text: a bound, for the spend cap, not an estimate)."""
+    return sum(len(str(m.get("content") or "").encode()) + FRAMING_TOKENS for m in messages) + (
+        FRAMING_TOKENS
+    )
+
+
+# --- the stop signal and the spend cap -----------------------------------------------------------
+
+
+@dataclass
+class Ticket:
+    """A call let through a gate: its worst-case cost, reserved until `settle`; `probe` when it
+    holds one of the run's slots for calls made before any reply proved key and model right."""
+
+    bound_usd: float
+    probe: bool = False
+
+
+class CallGate(Protocol):
+    """What a call passes before it is sent, and reports after: the stop signal (the first fatal
+    error) and the spend cap, counting calls in flight at their bound. `LocalGate` is one
+    client's; `pipelines.run_ledger.LedgerGate` shares one per run across Ray actors."""
+
+    @property
+    def stopped(self) -> FatalTeacherError | None: ...
+
+    async def admit(self, bound_usd: float) -> Ticket:
+        """Let a call start, or raise: a copy of the stop error, or `BudgetExhausted`."""
+        ...
+
+    def settle(self, ticket: Ticket, cost_usd: float, *, answered: bool) -> None: ...
+
+    def fail(self, error: FatalTeacherError) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class LocalGate:
+    """The stop signal and the spend cap of one client (no Ray): the benchmark's, the tests',
+    an annotator's without a run ledger. A call starts only while spent + the bounds of the calls
+    in flight + its own bound stay within the cap, so the cap holds wherever the endpoint keeps
+    to `max_tokens`; once a call fails fatally, none starts."""
+
+    def __init__(self, budget_usd: float | None = None) -> None:
+        self.budget_usd = budget_usd
+        self.spent_usd = 0.0
+        self.in_flight_usd = 0.0
+        self._stop: FatalTeacherError | None = None
+
+    @property
+    def stopped(self) -> FatalTeacherError | None:
+        return self._stop
+
+    async def admit(self, bound_usd: float) -> Ticket:
+        if self._stop is not None:
+            raise copy.copy(self._stop)
+        if self.budget_usd is not None:
+            committed = self.spent_usd + self.in_flight_usd
+            if committed + bound_usd > self.budget_usd:
+                raise BudgetExhausted(
+                    f"spend ${self.spent_usd:.4f} + ${self.in_flight_usd:.4f} in flight + this "
+                    f"call's bound ${bound_usd:.4f} would pass the cap ${self.budget_usd:.4f}"
+                )
+        self.in_flight_usd += bound_usd
+        return Ticket(bound_usd)
+
+    def settle(self, ticket: Ticket, cost_usd: float, *, answered: bool) -> None:
+        self.in_flight_usd -= ticket.bound_usd
+        self.spent_usd += cost_usd
+
+    def fail(self, error: FatalTeacherError) -> None:
+        self._stop = self._stop or error
+
+    async def close(self) -> None:
+        return None
+
+
 class TeacherClient:
-    """One `AsyncOpenAI` client with a bound on requests in flight, rate limits and retries.
+    """One HTTP client (aiohttp by default) with a bound on requests in flight, rate limits,
+    retries, and a gate (the stop signal and spend cap) every call passes.
 
     One async client with many requests in flight is what is fast for I/O-bound teacher calls
-    (ENVIRONMENT.md: 45.7 vs 3.9 rows/s for many sync actors on 2 cores). The first fatal status
-    (401/403/404) stops the client: calls waiting for a slot then raise without being sent, so a
-    wrong key costs at most `max_in_flight` calls whatever the dataset size. A spend cap works
-    the same way, counted from the usage each reply reports: calls already in flight finish
-    (they are paid for), no new one starts.
+    (ENVIRONMENT.md: 45.7 vs 3.9 rows/s for many sync actors on 2 cores). The first fatal error
+    (401/403/404) stops the gate: calls waiting for a slot then raise without being sent, so a
+    wrong key costs at most `max_in_flight` calls whatever the dataset size (per run, with a
+    shared gate). The spend cap reserves each call's worst case (`prompt_token_bound` +
+    `max_tokens` at the prices) before it starts and settles the real usage after.
     """
 
     def __init__(
@@ -309,85 +515,112 @@ class TeacherClient:
         seed: int = 0,
         prices: Prices | None = None,
         budget_usd: float | None = None,
-        http_client: str = "openai",
+        http_client: str = "aiohttp",
+        gate: CallGate | None = None,
     ) -> None:
-        import openai
-
         self.model = model
         self.sampling = dict(sampling or {})
         self.retry = retry or RetryPolicy()
         self.limiter = RateLimiter(rpm, tpm)
         self.stats = TeacherStats()
         self.prices = prices or Prices()
-        self.budget_usd = budget_usd
+        self.gate: CallGate = gate if gate is not None else LocalGate(budget_usd)
         self.spent_usd = 0.0
         self.fatal: FatalTeacherError | None = None
         self._semaphore = asyncio.Semaphore(max_in_flight)
         self._rng = random.Random(seed)
-        self._aiohttp = None
+        self._aiohttp: AiohttpChat | None = None
+        self._client: Any = None
         if http_client == "aiohttp":
             self._aiohttp = AiohttpChat(base_url, api_key, timeout_s)
-        elif http_client != "openai":
+        elif http_client == "openai":
+            import openai
+
+            self._client = openai.AsyncOpenAI(
+                base_url=base_url, api_key=api_key.get(), max_retries=0, timeout=timeout_s
+            )
+        else:
             raise ValueError(f"http_client must be openai or aiohttp, got {http_client!r}")
-        self._client = openai.AsyncOpenAI(
-            base_url=base_url, api_key=api_key.get(), max_retries=0, timeout=timeout_s
-        )
 
     async def _create(self, messages: list) -> tuple[str, int, int]:
+        """One call; raises `TeacherError`s only, whichever client makes it."""
         if self._aiohttp is not None:
             return await self._aiohttp.create(self.model, messages, **self.sampling)
-        resp = await self._client.chat.completions.create(
-            model=self.model, messages=messages, **self.sampling
-        )
+        try:
+            resp = await self._client.chat.completions.create(
+                model=self.model, messages=messages, **self.sampling
+            )
+        except Exception as exc:  # noqa: BLE001 - the client boundary: mapped, nothing else out
+            raise teacher_error(exc) from exc
+        if not resp.choices:
+            raise ContentTeacherError("the reply has no choices", kind="malformed_response")
+        choice = resp.choices[0]
+        text = reply_text(choice.message.content if choice.message else None, choice.finish_reason)
         usage = resp.usage
-        text = resp.choices[0].message.content if resp.choices else None
         return (
-            text or "",
+            text,
             usage.prompt_tokens if usage else 0,
             usage.completion_tokens if usage else 0,
         )
 
-    def _check_can_start(self) -> None:
-        if self.fatal is not None:
-            raise FatalTeacherError(str(self.fatal))
-        if self.budget_usd is not None and self.spent_usd >= self.budget_usd:
-            raise BudgetExhausted(
-                f"spend ${self.spent_usd:.4f} reached the cap ${self.budget_usd:.4f}"
-            )
+    def call_bound_usd(self, messages: Sequence[Mapping[str, Any]]) -> float:
+        """The most a call with `messages` can cost: the prompt's token bound, `max_tokens`."""
+        if not (self.prices.prompt or self.prices.completion):
+            return 0.0
+        return self.prices.cost(prompt_token_bound(messages), self.sampling.get("max_tokens", 512))
 
     async def complete(self, messages: Sequence[Mapping[str, str]]) -> CallResult:
+        """The answer, or a `CallResult` with the error that rejects the row. Raises only
+        `FatalTeacherError` (the run must stop) and `BudgetExhausted` (the cap: not called)."""
         estimate = sum(len(m["content"]) for m in messages) / 4 + self.sampling.get(
             "max_tokens", 512
         )
+        bound = self.call_bound_usd(messages)
         attempt = 0
         while True:
             attempt += 1
-            self._check_can_start()
+            if self.gate.stopped is not None:
+                raise copy.copy(self.gate.stopped)
             await self.limiter.acquire(estimate)
             async with self._semaphore:
-                self._check_can_start()  # checked again: a call may have failed while we waited
+                try:
+                    ticket = await self.gate.admit(bound)
+                except BaseException:
+                    self.limiter.settle(estimate, 0)
+                    raise
                 self.stats.calls += 1
+                cost, answered = 0.0, False
                 try:
                     text, pt, ct = await self._create(list(messages))
-                except Exception as exc:  # noqa: BLE001 - each failure is classified below
-                    try:
-                        kind, retryable, retry_after = classify(exc)
-                    except FatalTeacherError as fatal:
-                        self.fatal = self.fatal or fatal
-                        raise
+                except TeacherError as err:
                     self.limiter.settle(estimate, 0)
-                    error = f"api_error: {kind}: {error_message(exc)}"
+                    status = err.status or 0
+                    answered = isinstance(err, ContentTeacherError) and 200 <= status < 300
+                    if isinstance(err, FatalTeacherError):
+                        self.fatal = self.fatal or err
+                        self.gate.fail(err)
+                        raise
+                    error = err
                 else:
                     self.limiter.settle(estimate, pt + ct)
-                    self.spent_usd += self.prices.cost(pt, ct)
+                    cost, answered = self.prices.cost(pt, ct), True
+                    self.spent_usd += cost
                     return CallResult(text, pt, ct, attempt)
-            self.stats.by_error[kind] = self.stats.by_error.get(kind, 0) + 1
-            if not retryable or attempt > self.retry.max_retries:
-                return CallResult(None, attempts=attempt, error=error)
+                finally:
+                    self.gate.settle(ticket, cost, answered=answered)
+            self.stats.by_error[error.kind] = self.stats.by_error.get(error.kind, 0) + 1
+            if not isinstance(error, TransientTeacherError) or attempt > self.retry.max_retries:
+                return CallResult(None, attempts=attempt, error=error.reason)
             self.stats.retries += 1
-            await asyncio.sleep(self.retry.delay(attempt - 1, retry_after, self._rng))
+            await asyncio.sleep(self.retry.delay(attempt - 1, error.retry_after, self._rng))
 
     async def close(self) -> None:
-        if self._aiohttp is not None:
-            await self._aiohttp.close()
-        await self._client.close()
+        """Close the HTTP session (every pooled connection) and the gate; safe to call twice."""
+        try:
+            if self._aiohttp is not None:
+                await self._aiohttp.close()
+            if self._client is not None:
+                client, self._client = self._client, None
+                await client.close()
+        finally:
+            await self.gate.close()
