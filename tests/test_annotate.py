@@ -16,10 +16,10 @@ import pytest
 
 from pipelines.annotate import AnnotateConfig, SpendRefused, run
 from pipelines.teacher_client import FatalTeacherError
+from serve.fake_teacher import FaultPlan, TeacherServer
 from socratic.adapters import DatasetSpec, load_problems
 from tests.support.annotations import read_annotation_rows, sample_config
 from tests.support.paths import REPO, require_shared
-from tests.support.teacher_server import FaultPlan, TeacherServer
 
 SAMPLE = list(load_problems(DatasetSpec("sample", split="all")))
 # Actors read the API key from their node's environment (never from their constructor

@@ -33,10 +33,10 @@ from pipelines.annotate import (
 )
 from pipelines.batch_api import BatchRunner, chunk_requests, request_line
 from pipelines.teacher_client import FatalTeacherError
+from serve.fake_teacher import FaultPlan, TeacherServer
 from socratic.adapters import DatasetSpec, load_problems
 from tests.support.annotations import read_annotation_rows, sample_config
 from tests.support.paths import REPO
-from tests.support.teacher_server import FaultPlan, TeacherServer
 
 SAMPLE = list(load_problems(DatasetSpec("sample", split="all")))
 IDS = [p.id for p in SAMPLE]

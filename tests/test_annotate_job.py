@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from serve.fake_teacher import TeacherServer
 from socratic.adapters import DatasetSpec, load_problems
 from socratic.ray_address import address_file, forget_cluster
 from tests.support.paths import REPO
-from tests.support.teacher_server import TeacherServer
 
 BIN = Path(sys.executable).parent
 

@@ -21,9 +21,9 @@ from pipelines.chunks import fatal_cause
 from pipelines.run_ledger import start_ledger
 from pipelines.teacher_client import FatalTeacherError
 from pipelines.work_items import iter_work_items
+from serve.fake_teacher import TeacherServer, teacher_content
 from socratic.adapters import DatasetSpec, load_problems
 from tests.support.annotations import read_annotation_rows, sample_config
-from tests.support.teacher_server import TeacherServer, teacher_content
 
 SAMPLE = list(load_problems(DatasetSpec("sample", split="all")))
 BY_ID = {p.id: p for p in SAMPLE}

@@ -9,13 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.annotate import AnnotateConfig, output_fs, parquet_files, run
+from serve.fake_teacher import FaultPlan, TeacherServer
 from socratic.adapters import DatasetSpec, load_problems
 from socratic.answers import answers_match, extract_answer
 from socratic.arith import ArithConfig
 from socratic.calculator import apply_calculator, evaluate, format_number
 from socratic.formats import examples_for
 from socratic.records import problem_from_row
-from tests.support.teacher_server import FaultPlan, TeacherServer
 
 CONFIG = "ops=1-8,long_ops=6-8,n_train=400,n_test=100,n_long=50"
 

@@ -24,9 +24,9 @@ import pytest
 import yaml
 
 from cluster import submit
+from serve.fake_teacher import TeacherServer
 from socratic.adapters import DatasetSpec, load_problems
 from tests.support.paths import REPO
-from tests.support.teacher_server import TeacherServer
 
 BIN = Path(sys.executable).parent
 K8S = REPO / "cluster" / "k8s"

@@ -28,9 +28,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from serve.fake_teacher import FaultPlan, TeacherServer
 from socratic.adapters import DatasetSpec, load_problems
 from tests.support.paths import REPO
-from tests.support.teacher_server import FaultPlan, TeacherServer
 
 TRAIN = list(load_problems(DatasetSpec("sample", split="train")))
 # Measured with gpt2 students at 1.5 M tokens per method (lr 3e-3, 492 + 492 steps): 77.5 %

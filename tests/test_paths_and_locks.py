@@ -32,10 +32,10 @@ from pipelines.evaluate import EvaluateConfig
 from pipelines.evaluate import main as evaluate_main
 from pipelines.journal import JOURNAL_DIR, output_fs
 from pipelines.output_lock import LOCK_NAME, OutputLock, OutputLocked, this_owner
+from serve.fake_teacher import TeacherServer
 from socratic.adapters import DatasetSpec, load_problems
 from tests.support.annotations import read_annotation_rows
 from tests.support.paths import REPO
-from tests.support.teacher_server import TeacherServer
 
 SAMPLE = list(load_problems(DatasetSpec("sample", split="all")))
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}

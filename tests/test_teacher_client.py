@@ -30,8 +30,8 @@ from pipelines.teacher_client import (
     prompt_token_bound,
     teacher_error,
 )
+from serve.fake_teacher import FaultPlan, TeacherServer
 from socratic.adapters import DatasetSpec, load_problems
-from tests.support.teacher_server import FaultPlan, TeacherServer
 
 SAMPLE = list(load_problems(DatasetSpec("sample", split="all")))
 CLIENTS = ["aiohttp", "openai"]

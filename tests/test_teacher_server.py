@@ -22,13 +22,7 @@ from typing import Any
 import openai
 import pytest
 
-from socratic.adapters import DatasetSpec, load_problems
-from socratic.answers import extract_answer
-from socratic.calculator import apply_calculator
-from socratic.formats import parse_cot, parse_unified
-from socratic.records import Problem, Step
-from tests.support.paths import REPO
-from tests.support.teacher_server import (
+from serve.fake_teacher import (
     FALLBACK_QUESTION,
     MALFORMED,
     UNKNOWN_PROBLEM,
@@ -36,6 +30,12 @@ from tests.support.teacher_server import (
     TeacherServer,
     wrong_answer,
 )
+from socratic.adapters import DatasetSpec, load_problems
+from socratic.answers import extract_answer
+from socratic.calculator import apply_calculator
+from socratic.formats import parse_cot, parse_unified
+from socratic.records import Problem, Step
+from tests.support.paths import REPO
 
 SOCRATIC_SYSTEM = "Break the problem into sub-questions. Write them as Q1: ... A1: ... lines."
 COT_SYSTEM = "Solve the problem step by step and end with a line 'Answer: <number>'."
