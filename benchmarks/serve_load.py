@@ -40,7 +40,7 @@ the CPU-per-request ratio is the steadier reading of the first. Linux only (/pro
 Both targets depend on how much a model call costs against Serve's fixed cost per request
 (HTTP, proxy, ingress, two handle calls: ~11-20 ms here). Measured on 2 cores (2026-11-25),
 greedy batcher: at the app's default 128 tokens per call 4.2-4.5x and +12-15 %; at 32 tokens
-2.6-2.8x and +31-48 %. Ray's `@serve.batch` at 128 tokens: 1.9x and +31 %.
+2.6-2.8x and +31-48 %.
 
 5. The library's option against ours, in-process before Ray starts (quiet cores, same torch
    threads): `--clients` decomposer prompts through our greedy batcher's model call (batches of
