@@ -27,6 +27,11 @@ Conventions callers must know:
   the gold answer for 99.9 % of problems where the last number gives it for 97.2 %. Without
   either, worked solutions end with their result, while earlier numbers are the question's data
   or intermediate steps, so the last number is the best guess.
+* A text that ends on a marker with nothing after it ("... So, the answer is", a bare
+  ``####``) was cut off, or stopped, before its answer: the last number there is a step, not
+  the answer. Such a marker is dropped; an answer stated at an earlier marker still counts
+  ("The answer is 3. Checking: ... the answer is" means 3), and without one there is no
+  answer (None), not a guess. Real small-model output cut by a token limit ends this way.
 * Currency signs ($, €, £, ¥) and thousands separators are dropped; LaTeX inside ``\\boxed{}``
   (``\\frac{a}{b}``, ``1{,}000``, ``\\text{...}``, ``\\$``) is read as the number it writes.
 * A ``-`` is a minus sign only at the start of the text or after whitespace, ``(``, ``=``, ``:``
@@ -267,6 +272,15 @@ def _after_last(marker: re.Pattern[str], text: str) -> str | None:
     return text[matches[-1].end() :] if matches else None
 
 
+def _drop_unfinished_marker(text: str) -> tuple[str, bool]:
+    """`text` without the final-answer marker it ends on, if it ends on one with no letter or
+    digit after it ("So, the answer is", cut off by a length limit), and whether it did."""
+    matches = list(_FINAL_MARKER_RE.finditer(text))
+    if matches and not any(c.isalnum() for c in text[matches[-1].end() :]):
+        return text[: matches[-1].start()], True
+    return text, False
+
+
 def _before_run_on(text: str) -> str:
     """`text` up to the first new-problem line that follows its first final-answer marker."""
     first = _FINAL_MARKER_RE.search(text) or _BOXED_RE.search(text)
@@ -305,13 +319,15 @@ def _extract_number(text: str) -> str | None:
     if boxed is not None and (found := _first_number(boxed)) is not None:
         return found
     results = [m[1] for m in _ANNOTATION_RESULT_RE.finditer(text)]
-    text = strip_calculator_annotations(text)
+    text, unfinished = _drop_unfinished_marker(strip_calculator_annotations(text))
     for marker in (_GSM8K_MARKER_RE, _ANSWER_MARKER_RE):
         tail = _after_last(marker, text)
         if tail is not None:
             found = _first_number(tail)
             if found is not None:
                 return found
+    if unfinished:
+        return None
     for bold in reversed(_BOLD_RE.findall(text)):
         if (number := parse_number(bold.strip())) is not None:
             return format_answer(number)
@@ -327,11 +343,14 @@ def _extract_yesno(text: str) -> str | None:
     boxed = _boxed(text)
     if boxed is not None and (first := _YESNO_WORD_RE.search(boxed)) is not None:
         return _YESNO_CANONICAL[first[1].lower()]
+    text, unfinished = _drop_unfinished_marker(text)
     tail = _after_last(_ANSWER_MARKER_RE, text)
     if tail is not None:
         first = _YESNO_WORD_RE.search(tail)
         if first is not None:
             return _YESNO_CANONICAL[first[1].lower()]
+    if unfinished:
+        return None
     words = _YESNO_WORD_RE.findall(text)
     return _YESNO_CANONICAL[words[-1].lower()] if words else None
 
@@ -343,9 +362,12 @@ def _extract_choice(text: str) -> str | None:
     boxed = _boxed(text)
     if boxed is not None and (m := _CHOICE_AFTER_MARKER_RE.match(boxed)):
         return m[1].upper()
+    text, unfinished = _drop_unfinished_marker(text)
     tail = _after_last(_ANSWER_MARKER_RE, text)
     if tail is not None and (m := _CHOICE_AFTER_MARKER_RE.match(tail)):
         return m[1].upper()
+    if unfinished:
+        return None
     for bold in reversed(_BOLD_RE.findall(text)):
         if m := _CHOICE_AFTER_MARKER_RE.match(bold):
             return m[1].upper()
@@ -369,9 +391,12 @@ def _extract_text(text: str) -> str | None:
     line; up to the end of its sentence or line."""
     text = _before_run_on(text)
     source = _boxed(text)
+    text, unfinished = _drop_unfinished_marker(text)
     if source is None:
         source = _after_last(_ANSWER_MARKER_RE, text)
     if source is None:
+        if unfinished:
+            return None
         source = text
     line = source.strip().split("\n", 1)[0]
     line = re.split(r"(?<=[^\s.])\.(?:\s|$)", line, maxsplit=1)[0]
@@ -386,10 +411,11 @@ def extract_answer(text: str, kind: str = "number") -> str | None:
     `\\boxed{}`, else the first number after a GSM8K ``####``, else the first after the last
     "answer is" / "answer:" / "Final Answer:" / `A:` line, else the last bold number, else the
     result of the last ``<<expr=result>>`` annotation, else the last number (annotations
-    removed). Yes/no: the first yes/no/true/false word in `\\boxed{}` or after the last marker,
-    else the last such word anywhere; a marker guards against "The answer is yes. There is no
-    doubt." Choice: an upper-case letter. Text: the answer's sentence as written (compare with
-    `normalize_text`).
+    removed). A text that ends on a marker with nothing after it was cut off before its answer:
+    an earlier marker's answer still counts, else None (no fallback). Yes/no: the first
+    yes/no/true/false word in `\\boxed{}` or after the last marker, else the last such word
+    anywhere; a marker guards against "The answer is yes. There is no doubt." Choice: an
+    upper-case letter. Text: the answer's sentence as written (compare with `normalize_text`).
     """
     if kind == "number":
         return _extract_number(text)

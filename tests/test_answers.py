@@ -309,6 +309,29 @@ def test_extract_number_from_real_world_shapes(text: str, expected: str) -> None
     assert extract_answer(text) == expected
 
 
+# Real small-model output cut off by its token limit (tests/data/extraction_corpus.jsonl,
+# gsm8k/test/35) ends on the marker: no answer was stated, whatever number came before it.
+@pytest.mark.parametrize(
+    ("text", "kind", "expected"),
+    [
+        ("This gives us 40 * 2 = 80 points.\n\nSo, the answer is ", "number", None),
+        ("He has 3 + 4 = 7 apples.\n####", "number", None),
+        ("So 12 + 5 = 17. Final Answer:**", "number", None),
+        # an answer stated at an earlier marker still counts
+        ("The answer is 3. Checking: 3 * 2 = 6, so the answer is", "number", "3"),
+        ("#### 33\nThe answer is", "number", "33"),
+        ("There is no doubt about it. So the answer is", "yesno", None),
+        ("Answer: yes. To check once more, the answer is:", "yesno", "yes"),
+        ("Both (B) and (C) fit, so the answer is", "choice", None),
+        ("The answer is (B). Checking again, the answer is", "choice", "B"),
+        ("Paris is in France. The answer is", "text", None),
+        ("The answer is Paris. In short, the answer is", "text", "Paris"),
+    ],
+)
+def test_extract_text_that_ends_on_a_marker(text: str, kind: str, expected: str | None) -> None:
+    assert extract_answer(text, kind=kind) == expected
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
