@@ -12,7 +12,7 @@ from typing import Any
 from pipelines.journal import absolute
 from pipelines.prompting import STEP_CHECKS, STYLES, Prompt
 from pipelines.teacher_client import Prices
-from socratic.adapters import DATASETS
+from socratic.adapters import DATASETS, DatasetOptions, DatasetSpec, is_local_path
 from socratic.config import option
 
 # The `teacher` (and `prompt_version`) of `--mode gold` rows: the dataset's own steps.
@@ -20,14 +20,18 @@ GOLD_TEACHER = "gold"
 
 
 @dataclass(frozen=True)
-class AnnotateConfig:
+class AnnotateConfig(DatasetOptions):
     """Annotate a dataset with Socratic (or CoT) teacher decompositions into Parquet."""
 
-    dataset: str = option(help="dataset family", choices=DATASETS)
+    dataset: str = option(
+        help="dataset family (custom: your own, see --question-field ...)", choices=DATASETS
+    )
     output: str = option(help="output folder: local path or a pyarrow filesystem URI (s3://...)")
     split: str = option("train", help="split to annotate")
     path: str | None = option(
-        None, help="local dataset file (jsonl/json/csv/parquet) instead of the hub"
+        None,
+        help="local dataset file (jsonl/json/csv/parquet) instead of the hub; custom: a file "
+        "({split} is replaced by the split) or a hub dataset id",
     )
     dataset_config: str | None = option(None, help="GSM8K config: main or socratic")
     hub_id: str | None = option(None, help="hub dataset id, overriding the dataset's default")
@@ -171,6 +175,7 @@ class AnnotateConfig:
             raise ValueError("--batch-max-active must be at least 1")
         if self.estimate_wave < 0:
             raise ValueError("--estimate-wave must be 0 (off) or a number of calls")
+        DatasetSpec.from_config(self)  # the dataset options checked now, not after the estimate
 
     def with_absolute_paths(self) -> AnnotateConfig:
         """Local paths (`--output`, `--path`, `--prompt`) made absolute against the driver's
@@ -181,7 +186,9 @@ class AnnotateConfig:
         return replace(
             self,
             output=absolute(self.output),
-            path=absolute(self.path) if self.path else self.path,
+            path=absolute(self.path)
+            if self.path and is_local_path(self.dataset, self.path)
+            else self.path,
             prompt=absolute(self.prompt) if self.prompt else self.prompt,
         )
 
@@ -203,4 +210,8 @@ class AnnotateConfig:
         return {"temperature": self.temperature, "max_tokens": self.max_tokens}
 
     def prompt_for(self, answer_kind: str) -> Prompt:
-        return Prompt.load(self.prompt) if self.prompt else Prompt.default(self.style, answer_kind)
+        """The prompt for a problem of `answer_kind`; a custom dataset's stated kind wins, so a
+        row that lost its kind on the way (the Batch API's item files) still gets its own."""
+        if self.prompt:
+            return Prompt.load(self.prompt)
+        return Prompt.default(self.style, self.answer_kind or answer_kind)

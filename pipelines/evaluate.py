@@ -9,7 +9,9 @@ Methods, as in the paper's results table:
 - `iterative`: the Socratic pair. The decomposer writes the sub-questions, the solver answers them
   one by one. It runs `socratic.solve.solve_many`, the same loop the Serve ingress runs, so the
   served and the evaluated system cannot differ. Each actor advances a whole batch in lockstep,
-  so every model call is one batched `generate`.
+  so every model call is one batched `generate`. A decomposer trained to write one sub-question
+  at a time (`--decomposer-form iterative` in training) is run that way: its dir's
+  `provenance.json` says so; `--decomposer-form` overrides it.
 - `unified`: one model writes q1 a1 q2 a2 ...; the answer is read from the last step.
 - `cot`: one model writes the step-by-step solution and an `Answer:` line.
 - `answer`: one model writes the final answer only.
@@ -58,7 +60,14 @@ import pyarrow.parquet as pq
 from pipelines.journal import absolute, output_fs
 from pipelines.output import parquet_files
 from pipelines.output_lock import OutputLock, OutputLocked
-from socratic.adapters import DATASETS, DatasetSpec, load_problems
+from socratic.adapters import (
+    DATASETS,
+    DatasetOptions,
+    DatasetSpec,
+    LoadStats,
+    is_local_path,
+    load_problems,
+)
 from socratic.answers import answers_match, extract_answer
 from socratic.config import option, parse_config
 from socratic.formats import (
@@ -71,7 +80,7 @@ from socratic.formats import (
 )
 from socratic.generate import DTYPES, Generator
 from socratic.records import STEP_TYPE
-from socratic.solve import DEFAULT_MAX_STEPS, solve_many
+from socratic.solve import DEFAULT_MAX_STEPS, decomposer_form_of, solve_many
 from socratic.stats import wilson_interval
 
 log = logging.getLogger("evaluate")
@@ -112,12 +121,18 @@ PREDICTION_SCHEMA = pa.schema(
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(DatasetOptions):
     """Evaluate trained students on a test split: per-problem Parquet and an accuracy table."""
 
-    dataset: str = option(help="dataset family", choices=DATASETS)
+    dataset: str = option(
+        help="dataset family (custom: your own, see --question-field ...)", choices=DATASETS
+    )
     split: str = option("test", help="split to evaluate")
-    path: str | None = option(None, help="local dataset file instead of the hub")
+    path: str | None = option(
+        None,
+        help="local dataset file instead of the hub; custom: a file ({split} is replaced by "
+        "the split) or a hub dataset id",
+    )
     dataset_config: str | None = option(None, help="GSM8K config: main or socratic")
     hub_id: str | None = option(None, help="hub dataset id, overriding the dataset's default")
     limit: int | None = option(None, help="evaluate only the first N problems")
@@ -137,6 +152,12 @@ class EvaluateConfig:
         choices=tuple(CALCULATOR_SETTINGS),
     )
     max_steps: int = option(DEFAULT_MAX_STEPS, help="iterative: most sub-questions per problem")
+    decomposer_form: str | None = option(
+        None,
+        help="iterative: all (sub-questions at once) or iterative (one per step, given the "
+        "answers so far); default: what the decomposer dir's provenance.json says, else all",
+        choices=("all", "iterative"),
+    )
     max_new_tokens: int = option(128, help="tokens generated per model call")
     batch_size: int = option(16, help="problems per actor batch (one generate call per step)")
     actors: int = option(1, help="model-holding actors in the pool")
@@ -162,6 +183,7 @@ class EvaluateConfig:
             raise ValueError("--batch-size, --actors and --max-steps must be at least 1")
         if self.gpus_per_actor < 0:
             raise ValueError("--gpus-per-actor must be 0 or more")
+        DatasetSpec.from_config(self)  # the dataset options checked at parse, before any work
 
     @property
     def method_list(self) -> list[str]:
@@ -178,7 +200,9 @@ class EvaluateConfig:
         roles = ("decomposer", "solver", "unified", "cot", "answer")
         return replace(
             self,
-            path=absolute(self.path) if self.path else self.path,
+            path=absolute(self.path)
+            if self.path and is_local_path(self.dataset, self.path)
+            else self.path,
             models=absolute(self.models),
             output=absolute(self.output),
             **{r: absolute(getattr(self, r)) for r in roles if getattr(self, r)},
@@ -216,8 +240,10 @@ class Evaluator:
         num_threads: int | None,
         device: str = "cpu",
         dtype: str = "auto",
+        decomposer_form: str = "all",
     ) -> None:
         self.method, self.calculators, self.max_steps = method, calculators, max_steps
+        self.decomposer_form = decomposer_form
         kw = {"max_new_tokens": max_new_tokens, "num_threads": num_threads}
         kw |= {"device": device, "dtype": dtype}
         self.models = {role: Generator(dirs[role], **kw) for role in METHOD_ROLES[method]}
@@ -236,7 +262,7 @@ class Evaluator:
             "question": p["question"],
             "gold": p["answer"],
             "predicted": predicted,
-            "correct": answers_match(predicted, p["answer"]),
+            "correct": answers_match(predicted, p["answer"], kind=p["answer_kind"]),
             "calculator": None,
             "text": None,
             "fallback": False,
@@ -256,7 +282,8 @@ class Evaluator:
             sol = partial(self.models["solver"].complete, calculator=bool(calculator))
             for kind, group in by_kind.items():
                 questions = [p["question"] for p in group]
-                kw = {"max_steps": self.max_steps, "calculator": calculator, "answer_kind": kind}
+                kw = {"max_steps": self.max_steps, "calculator": calculator, "answer_kind": kind,
+                      "decomposer_form": self.decomposer_form}  # fmt: skip
                 for p, s in zip(group, solve_many(questions, dec, sol, **kw), strict=True):
                     rows.append(
                         self._row(
@@ -314,9 +341,11 @@ def read_one_pass(method: str, text: str, kind: str) -> tuple[str | None, list[d
     return (extract_answer(answer, kind) if answer else None), []
 
 
-def problem_items(cfg: EvaluateConfig) -> list[dict[str, Any]]:
+def problem_items(cfg: EvaluateConfig) -> tuple[list[dict[str, Any]], LoadStats]:
+    """The problems to score, each with its answer kind (how its answers are read and
+    compared), and what loading them skipped (`--skip-bad-records`)."""
     spec = DatasetSpec.from_config(cfg)
-    return [
+    items = [
         {
             "id": p.id,
             "dataset": p.dataset,
@@ -327,6 +356,7 @@ def problem_items(cfg: EvaluateConfig) -> list[dict[str, Any]]:
         }
         for p in load_problems(spec)
     ]
+    return items, spec.stats
 
 
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -334,14 +364,14 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     cfg = cfg.with_absolute_paths()  # here, on the driver: the actors get these dirs
     dirs = check_models(cfg)
-    items = problem_items(cfg)
+    items, loaded = problem_items(cfg)
     if not items:
         raise ValueError(f"{cfg.dataset}/{cfg.split}: no problems to evaluate")
     fs, root = output_fs(cfg.output)
     # Before any prediction is replaced: a second run would delete the first one's half-written
     # predictions under it. Raises OutputLocked, naming the run that holds it.
     with OutputLock(fs, root, "evaluate", force=cfg.force_unlock):
-        return _evaluate(cfg, dirs, items, fs, root, t0)
+        return _evaluate(cfg, dirs, items, fs, root, t0, loaded)
 
 
 def _evaluate(
@@ -351,6 +381,7 @@ def _evaluate(
     fs: pafs.FileSystem,
     root: str,
     t0: float,
+    loaded: LoadStats | None = None,
 ) -> dict[str, Any]:
     import ray
 
@@ -380,6 +411,7 @@ def _evaluate(
                 "num_threads": cfg.num_threads,
                 "device": "cuda" if cfg.gpus_per_actor > 0 else "cpu",
                 "dtype": cfg.dtype,
+                "decomposer_form": decomposer_form(cfg, dirs),
             },
             batch_format="pyarrow",
             batch_size=cfg.batch_size,
@@ -393,11 +425,23 @@ def _evaluate(
         )
         log.info("%s: done in %.1f s", method, time.perf_counter() - t)
     summary = summarize(cfg, fs, root, len(items), time.perf_counter() - t0)
+    if "iterative" in cfg.method_list:
+        summary["decomposer_form"] = decomposer_form(cfg, dirs)
+    summary["answer_kind"] = ", ".join(sorted({i["answer_kind"] for i in items}))
+    summary["skipped_records"] = loaded.skipped_records if loaded else 0
+    summary["skipped_record_errors"] = list(loaded.skipped_examples) if loaded else []
     with fs.open_output_stream(posixpath.join(root, "summary.json")) as f:
         f.write(json.dumps(summary, indent=2).encode())
     with fs.open_output_stream(posixpath.join(root, "results.md")) as f:
         f.write(results_markdown(summary).encode())
     return summary
+
+
+def decomposer_form(cfg: EvaluateConfig, dirs: dict[str, str]) -> str:
+    """The pair's loop: `--decomposer-form`, else the one its decomposer was trained for."""
+    if "decomposer" not in dirs:
+        return "all"
+    return cfg.decomposer_form or decomposer_form_of(dirs["decomposer"])
 
 
 def check_gpus(cfg: EvaluateConfig, resources: dict[str, float]) -> None:
@@ -425,7 +469,9 @@ def read_predictions(fs: pafs.FileSystem, root: str, method: str) -> pa.Table:
 def summarize(
     cfg: EvaluateConfig, fs: pafs.FileSystem, root: str, n_problems: int, wall_s: float
 ) -> dict[str, Any]:
-    """Accuracy per (method, calculator) from the Parquet, with what is missing or doubled."""
+    """Accuracy per (method, calculator) from the Parquet, with what is missing or doubled and
+    the share of outputs no answer could be read from (`no_answer`, `no_answer_pct`): a student
+    that answers wrong and one that never writes an answer need different fixes."""
     results = []
     for method in cfg.method_list:
         rows = read_predictions(fs, root, method).to_pylist()
@@ -435,6 +481,7 @@ def summarize(
         for calculator, group in sorted(settings.items(), key=lambda kv: str(kv[0])):
             ids = {r["id"] for r in group}
             correct = sum(r["correct"] for r in group)
+            no_answer = sum(not r["predicted"] for r in group)
             results.append(
                 {
                     "method": method,
@@ -447,6 +494,8 @@ def summarize(
                     "correct": correct,
                     "accuracy": round(100 * correct / len(group), 2) if group else None,
                     "ci95": list(wilson_interval(correct, len(group))) if group else None,
+                    "no_answer": no_answer,
+                    "no_answer_pct": round(100 * no_answer / len(group), 2) if group else None,
                     "tokens": sum(r["tokens"] for r in group),
                     "tokens_per_problem": round(sum(r["tokens"] for r in group) / len(group), 1)
                     if group
@@ -485,7 +534,7 @@ def results_markdown(summary: dict[str, Any]) -> str:
     datasets = sorted({r["dataset"] for r in results})
     rows: dict[tuple[str, bool | None], dict[str, str]] = {}
     for r in results:
-        cell = f"{r['accuracy']:.1f} ({r['correct']}/{r['problems']}){_interval(r)}"
+        cell = f"{r['accuracy']:.1f} ({r['correct']}/{r['problems']}){_interval(r)}{_no_answer(r)}"
         rows.setdefault((r["method"], r["calculator"]), {})[r["dataset"]] = cell
     order = {m: i for i, m in enumerate(METHOD_LABELS)}
     lines = [
@@ -501,8 +550,17 @@ def results_markdown(summary: dict[str, Any]) -> str:
     lines.append("")
     splits = ", ".join(sorted({f"{r['dataset']}/{r['split']}" for r in results}))
     models = ", ".join(f"{role} {d}" for role, d in summary["models"].items())
-    lines.append(f"Accuracy in % on {splits}, 95 % Wilson interval in brackets; models: {models}")
+    lines.append(
+        f"Accuracy in % on {splits}, 95 % Wilson interval in brackets, then the share of "
+        f"outputs with no answer to read; models: {models}"
+    )
     return "\n".join(lines) + "\n"
+
+
+def _no_answer(r: dict[str, Any], sep: str = "; ") -> str:
+    """`; no answer 3.1 %` of a result row; empty for a summary written before rows had it."""
+    pct = r.get("no_answer_pct")
+    return "" if pct is None else f"{sep}no answer {pct:.1f} %"
 
 
 def _interval(r: dict[str, Any]) -> str:
@@ -530,7 +588,16 @@ def merge_summaries(paths: Sequence[str | Path]) -> dict[str, Any]:
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    lines = [f"evaluated {s['problems']} problems of {s['dataset']}/{s['split']} -> {s['output']}"]
+    kind = f" ({s['answer_kind']} answers)" if s.get("answer_kind") else ""
+    lines = [
+        f"evaluated {s['problems']} problems of {s['dataset']}/{s['split']}{kind} -> {s['output']}"
+    ]
+    if s.get("skipped_records"):
+        errors = s.get("skipped_record_errors") or [""]
+        lines.append(
+            f"  skipped {s['skipped_records']} bad dataset records (--skip-bad-records)"
+            + (f"; the first: {errors[0]}" if errors[0] else "")
+        )
     for r in s["results"]:
         calc = (
             "" if r["calculator"] is None else f" (calculator {'on' if r['calculator'] else 'off'})"
@@ -544,7 +611,7 @@ def format_summary(s: dict[str, Any]) -> str:
             extra += f", {r['truncated']} prompts truncated"
         lines.append(
             f"  {r['method']}{calc}: {r['accuracy']} %{_interval(r)} "
-            f"({r['correct']}/{r['problems']}{gaps}), "
+            f"({r['correct']}/{r['problems']}{gaps}){_no_answer(r, ', ')}, "
             f"{r['tokens_per_problem']} tokens/problem{extra}"
         )
     lines.append(f"  wall {s['wall_s']} s")

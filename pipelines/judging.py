@@ -7,6 +7,7 @@ One module for the online path (`pipelines/annotator.py`), the Batch API
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import pyarrow as pa
@@ -54,9 +55,19 @@ def gold_batch(batch: pa.Table) -> pa.Table:
     return annotation_table(rows)
 
 
+def with_kind(cfg: AnnotateConfig, p: Problem) -> Problem:
+    """`p` with the custom dataset's stated answer kind. A row carries its kind (`answer_kind`),
+    but the Batch API's item files keep only the fields they need, and a choice letter or a
+    short text judged as a number would be rejected however right it is."""
+    if cfg.answer_kind and p.answer_kind != cfg.answer_kind:
+        return replace(p, answer_kind=cfg.answer_kind)
+    return p
+
+
 def verdict_fields(cfg: AnnotateConfig, p: Problem, text: str, style: str) -> dict[str, Any]:
     """How a teacher reply is judged (the online and the Batch API path alike): steps,
-    predicted, status, reason, and the per-step check."""
+    predicted, status, reason, and the per-step check, for the problem's answer kind."""
+    p = with_kind(cfg, p)
     v = judge(p, text, style)
     out = dict(steps=v.steps, predicted=v.predicted, status=v.status, reason=v.reason)
     if style != "socratic" or not v.steps or cfg.step_check == "off":
@@ -85,6 +96,7 @@ def teacher_row(
     style: str,
 ) -> dict[str, Any]:
     """The annotation row of one teacher call: judged, or rejected with its API error."""
+    p = with_kind(cfg, p)
     common = dict(
         sample=item["sample"],
         teacher=teacher,

@@ -23,6 +23,8 @@ from socratic.records import ACCEPTED, REJECTED, Problem, Step
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 STYLES = ("socratic", "cot")
+# The bundled prompt file family per answer kind: `<style>_<family>.yaml`.
+PROMPT_FAMILIES = {"number": "math", "yesno": "yesno", "choice": "choice", "text": "text"}
 
 # Reasons a rejected row can carry. `api_error: <kind>: ...` rows whose kind is transient are
 # retried by the next run into the same output; every other rejection is final.
@@ -79,9 +81,14 @@ class Prompt:
 
     @classmethod
     def default(cls, style: str, answer_kind: str) -> Prompt:
-        """The bundled prompt for a style and answer kind (`number` or `yesno`)."""
-        family = "yesno" if answer_kind == "yesno" else "math"
-        return cls.load(PROMPTS_DIR / f"{style}_{family}.yaml")
+        """The bundled prompt for a style and answer kind: each kind's prompt asks for its
+        final answer in the form the judge reads (a number, yes/no, a letter, a short text)."""
+        if answer_kind not in PROMPT_FAMILIES:
+            raise ValueError(
+                f"no bundled prompt for answer kind {answer_kind!r}; "
+                f"known: {', '.join(PROMPT_FAMILIES)}"
+            )
+        return cls.load(PROMPTS_DIR / f"{style}_{PROMPT_FAMILIES[answer_kind]}.yaml")
 
     def _user(self, question: str, solution: str | None) -> str:
         text = self.user.format(question=clean(question))
@@ -144,8 +151,10 @@ class Verdict:
 def judge(problem: Problem, text: str, style: str) -> Verdict:
     """Parse a teacher reply and check its final answer against gold.
 
-    The final answer is read from the last step (Socratic) or the `Answer:` line (CoT) with the
-    same rules evaluation uses, so what we keep as "correct" is what we would score as correct.
+    The final answer is read from the last step (Socratic) or the `Answer:` line (CoT) and
+    compared for the problem's answer kind with the same rules evaluation uses (a choice letter
+    as a letter, a short text after normalisation), so what we keep as "correct" is what we
+    would score as correct.
     """
     if not text.strip():
         return Verdict((), None, REJECTED, EMPTY_RESPONSE)
@@ -163,7 +172,7 @@ def judge(problem: Problem, text: str, style: str) -> Verdict:
         predicted = extract_answer(final, kind)
     if predicted is None:
         return Verdict(steps, None, REJECTED, UNPARSEABLE)
-    ok = answers_match(predicted, problem.answer)
+    ok = answers_match(predicted, problem.answer, kind=kind)
     return Verdict(steps, predicted, ACCEPTED if ok else REJECTED, None if ok else WRONG_ANSWER)
 
 

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from pipelines.annotate_config import GOLD_TEACHER, AnnotateConfig
 from pipelines.keys import KeySet, key_digests
 from pipelines.output import ResumeState, column_sum, parquet_files
+from socratic.adapters import DatasetSpec, load_stats
 from socratic.records import REJECTED
 
 # Rows `summarize` holds at once. It bounds the driver's memory: at 300k rows the summary's
@@ -92,6 +93,8 @@ def summarize(
             decompositions.update(json.dumps(pair) for pair in zip(ids, ds, strict=True))
     distinct = int(seen.sum())
     repeated = decompositions.count - len(decompositions)
+    # Bad dataset records left out under --skip-bad-records, as this run's load counted them.
+    loaded = load_stats(DatasetSpec.from_config(cfg))
     cost = None
     if cfg.priced:
         cost = round(cfg.prices.cost(prompt_tokens, completion_tokens) * cfg.price_factor, 6)
@@ -101,6 +104,8 @@ def summarize(
         "mode": cfg.mode,
         "teacher": cfg.model if cfg.mode == "teacher" else GOLD_TEACHER,
         "output": cfg.output,
+        "skipped_records": loaded.skipped_records if loaded else 0,
+        "skipped_record_errors": list(loaded.skipped_examples) if loaded else [],
         "rows": n_rows,
         "expected_rows": keys.count,
         "missing_rows": keys.count - distinct,
@@ -159,6 +164,13 @@ def format_summary(s: dict[str, Any]) -> str:
     ]
     if s["journal_rows_recovered"]:
         lines.insert(3, f"  {s['journal_rows_recovered']} answered rows recovered from the journal")
+    if s.get("skipped_records"):
+        first = s["skipped_record_errors"][0] if s.get("skipped_record_errors") else ""
+        lines.insert(
+            2,
+            f"  skipped {s['skipped_records']} bad dataset records (--skip-bad-records)"
+            + (f"; the first: {first}" if first else ""),
+        )
     if s.get("batches"):
         lines += format_batches(s["batches"])
     if s.get("stopped"):

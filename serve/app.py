@@ -45,13 +45,13 @@ from serve.placement import (
     size_to_cluster,
 )
 from serve.validate import MAX_BODY_BYTES, check_text, read_json
-from socratic.formats import parse_solver
+from socratic.answers import ANSWER_KINDS
+from socratic.formats import NO_ANSWER, parse_solver
 from socratic.generate import Completion, Generator
-from socratic.solve import DEFAULT_MAX_STEPS, Solved, solve_async
+from socratic.solve import DEFAULT_MAX_STEPS, Solved, decomposer_form_of, solve_async
 
 MAX_PROBLEM_CHARS = 2000
 MAX_STEPS_LIMIT = 16
-ANSWER_KINDS = ("number", "yesno")
 log = logging.getLogger("ray.serve")
 
 __all__ = ["Ingress", "PlacementError", "StudentModel", "build_app"]
@@ -219,6 +219,7 @@ class Ingress:
         max_problem_chars: int = MAX_PROBLEM_CHARS,
         default_max_steps: int = DEFAULT_MAX_STEPS,
         max_body_bytes: int = MAX_BODY_BYTES,
+        decomposer_form: str = "all",
     ) -> None:
         if answer_kind not in ANSWER_KINDS:
             raise ValueError(f"answer_kind must be one of {ANSWER_KINDS}, not {answer_kind!r}")
@@ -228,6 +229,7 @@ class Ingress:
         self.max_problem_chars = max_problem_chars
         self.default_max_steps = default_max_steps
         self.max_body_bytes = max_body_bytes
+        self.decomposer_form = decomposer_form  # the loop its decomposer was trained for
         self.page = PLAYGROUND.read_text(encoding="utf-8")
         self.cancelled = 0  # streaming solves stopped because their client went away
 
@@ -278,11 +280,15 @@ class Ingress:
     @api.post("/solve")
     async def solve(self, request: Request):  # noqa: ANN201 - JSON or an SSE stream
         """`{"problem": str, "max_steps"?: int, "stream"?: bool, "answer_kind"?: "number" |
-        "yesno"}` -> answer, steps, timings; with `"stream": true`, server-sent events: one
-        `step` per solved step, then `done` (or `error` with a status and a detail)."""
+        "yesno" | "choice" | "text"}` -> answer, steps, timings; with `"stream": true`,
+        server-sent events: one `step` per solved step, then `done` (or `error` with a status
+        and a detail). The answer is read from the last step as evaluation reads it for that
+        kind: a number, yes/no, a choice letter (the options belong in `problem`, as the
+        students saw them in training) or a short text."""
         body = await read_json(request, self.max_body_bytes)
         problem, max_steps, stream, kind = self._parse(body)
-        kw = {"max_steps": max_steps, "calculator": self.calculator, "answer_kind": kind}
+        kw = {"max_steps": max_steps, "calculator": self.calculator, "answer_kind": kind,
+              "decomposer_form": self.decomposer_form}  # fmt: skip
         if not stream:
             t0 = time.perf_counter()
             try:
@@ -309,7 +315,7 @@ class Ingress:
         async def solve_step(prompt: str) -> Completion:
             reply = await self._solve_step(prompt)
             forced.append(reply.calculator_forced)
-            written.append(parse_solver(reply.text) or "(no answer)")
+            written.append(parse_solver(reply.text) or NO_ANSWER)
             return reply
 
         async def on_step(event: Solved) -> None:
@@ -352,8 +358,10 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     """Application builder for `serve run serve/config.yaml` and for `python serve/app.py`.
 
     args: decomposer, solver (model dirs); optional max_new_tokens, max_batch_size,
-    batch_wait_timeout_s, num_threads, calculator, answer_kind (`number` | `yesno`), num_gpus
-    and dtype (per model replica); and `decomposer_options`, `solver_options`,
+    batch_wait_timeout_s, num_threads, calculator, answer_kind (`number` | `yesno` | `choice` |
+    `text`; a request may name its own), num_gpus
+    and dtype (per model replica); decomposer_form (`all` | `iterative`, default: what the
+    decomposer dir's provenance.json says); and `decomposer_options`, `solver_options`,
     `ingress_options`: Serve deployment options (autoscaling_config, num_replicas,
     max_ongoing_requests, ray_actor_options, ...). Replicas whose options state no `num_cpus`
     get a share of the cluster's CPUs, and an app whose minimum replicas cannot be placed
@@ -416,6 +424,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         solver,
         calculator=args.get("calculator", True),
         answer_kind=args.get("answer_kind", "number"),
+        # the loop the decomposer was trained for (its provenance.json), unless args say
+        decomposer_form=args.get("decomposer_form") or decomposer_form_of(args["decomposer"]),
     )
 
 
@@ -429,6 +439,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Serve a decomposer + solver pair.")
     p.add_argument("--decomposer", required=True, help="exported decomposer dir")
     p.add_argument("--solver", required=True, help="exported solver dir")
+    p.add_argument(
+        "--decomposer-form",
+        choices=("all", "iterative"),
+        help="all sub-questions at once, or one per step given the answers so far (default: "
+        "what the decomposer dir's provenance.json says, else all)",
+    )
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local cluster)")
     p.add_argument("--num-cpus", type=float, help="logical CPUs of a new local cluster")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
@@ -469,6 +485,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "answer_kind": a.answer_kind,
         "num_gpus": a.num_gpus,
     }
+    if a.decomposer_form:
+        args["decomposer_form"] = a.decomposer_form
     if a.dtype:
         args["dtype"] = a.dtype
     if a.model_cpus is not None:

@@ -1066,7 +1066,9 @@ def _problem_text(messages: list[dict[str, Any]]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Serve a dataset's gold answers until SIGTERM/SIGINT; prints `TEACHER_SERVER_URL=...`."""
-    from socratic.adapters import DatasetSpec, load_problems
+    import dataclasses
+
+    from socratic.adapters import DatasetOptions, DatasetSpec, load_problems
 
     parser = argparse.ArgumentParser(prog="python -m serve.fake_teacher")
     parser.add_argument("--dataset", default="sample")
@@ -1081,6 +1083,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-key-env", default=None, help="require the key in this env var")
     parser.add_argument("--record-times", action="store_true",
                         help="keep each chat request's (arrival, finish); GET /_bench/times")
+    # A custom dataset's fields, as annotate takes them (`--question-field Q --answer-kind text`)
+    for f in dataclasses.fields(DatasetOptions):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action="store_true")
+        else:
+            parser.add_argument(flag, default=None)
     args = parser.parse_args(argv)
 
     api_key = None
@@ -1088,7 +1097,11 @@ def main(argv: list[str] | None = None) -> int:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             parser.error(f"--api-key-env {args.api_key_env}: that variable is not set")
-    spec = DatasetSpec(args.dataset, split=args.split, path=args.path, config=args.config)
+    args.dataset_config, args.hub_id, args.limit = args.config, None, None
+    try:
+        spec = DatasetSpec.from_config(args)
+    except ValueError as e:
+        parser.error(str(e))
     problems = list(load_problems(spec))
 
     stop = threading.Event()

@@ -30,28 +30,42 @@ What each dataset gives:
   the problems, and the splits `train`, `test` and `long` have disjoint texts.
 * **sample**: 40 problems with Socratic steps written for this project (`socratic/sample/`), 32
   train and 8 test, for the demo and quick tests.
+* **custom**: the user's own data, described by `CustomFields` (which column holds the question,
+  the answer, and optionally an id, a solution, gold steps and choices) and an answer kind
+  (`number`, `yesno`, `choice`, `text`). The source is a local file, or a hub dataset (any
+  `--path` that is not a file) read with `datasets.load_dataset(path, hub_config, split=split)`;
+  a `{split}` in a local path is replaced by the split's name, so one option names every split.
+  Ids are `custom/<split>/<id field>` or, without an id field, `custom/<split>/<row>` (the
+  record's position in its source, counting skipped records, so skipping never renumbers). With
+  choices, the options are appended to the question as ` Options: (A) ... (B) ...`, since the
+  students must see them; the gold answer is a letter (or an option's exact text, turned into
+  its letter).
 
 A record that cannot be read raises `DatasetRecordError` naming the file, the line (or record /
-row) and the field, because "KeyError: 'answer'" after an hour of annotation helps nobody.
+row) and the field, because "KeyError: 'answer'" after an hour of annotation helps nobody. With
+`skip_bad_records` such records are left out instead and counted (`LoadStats.skipped_records`,
+with the first few errors), so nothing is dropped without a count.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import random
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from socratic.answers import normalize_answer
+from socratic.answers import ANSWER_KINDS, normalize_answer, normalize_text
+from socratic.config import option
 from socratic.formats import clean
 from socratic.records import Problem, Step
 
-DATASETS = ("gsm8k", "svamp", "strategyqa", "sample", "arith")
+DATASETS = ("gsm8k", "svamp", "strategyqa", "sample", "arith", "custom")
 HUB_IDS = {
     "gsm8k": "openai/gsm8k",
     "svamp": "ChilleD/SVAMP",
@@ -70,12 +84,97 @@ class DatasetRecordError(ValueError):
         super().__init__(f"{source}: {where}: field {field_name!r}: {message}")
 
 
+SKIPPED_EXAMPLES = 5  # errors of skipped records kept for the summary (the count is complete)
+
+
 @dataclass
 class LoadStats:
     """What an adapter saw; printed by the CLI and asserted on by tests."""
 
     records: int = 0
     unanswered_steps_dropped: int = 0
+    skipped_records: int = 0  # bad records left out under `skip_bad_records`
+    skipped_examples: list[str] = field(default_factory=list)  # the first few, as error text
+
+    def reset(self) -> None:
+        self.records = self.unanswered_steps_dropped = self.skipped_records = 0
+        self.skipped_examples = []
+
+    def skip(self, error: DatasetRecordError) -> None:
+        self.skipped_records += 1
+        if len(self.skipped_examples) < SKIPPED_EXAMPLES:
+            self.skipped_examples.append(str(error))
+
+
+@dataclass(frozen=True)
+class CustomFields:
+    """How to read a custom dataset's records: field (column) names and the answer kind.
+
+    Only `question`, `answer` and `answer_kind` are required. A field named here is required
+    in every record (missing or empty is a bad record): naming it says the data has it.
+    """
+
+    question: str
+    answer: str
+    answer_kind: str
+    id: str | None = None
+    solution: str | None = None
+    steps: str | None = None
+    choices: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.answer_kind not in ANSWER_KINDS:
+            raise ValueError(
+                f"--answer-kind must be one of {', '.join(ANSWER_KINDS)}, not {self.answer_kind!r}"
+            )
+        if self.choices and self.answer_kind != "choice":
+            raise ValueError("--choices-field needs --answer-kind choice")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetOptions:
+    """The dataset options every stage that reads a dataset shares, beyond its own `dataset`,
+    `split`, `path`, ...: the custom dataset's fields and the bad-record policy.
+
+    A config dataclass inherits it (keyword-only fields, so they can follow fields without a
+    default); `parse_config` then offers them as flags and YAML keys, and
+    `DatasetSpec.from_config` maps them, so the options are declared once for every stage.
+    """
+
+    hub_config: str | None = option(
+        None,
+        help="custom: the hub dataset's config name (datasets.load_dataset's `name`); other "
+        "datasets: the same as --dataset-config",
+    )
+    question_field: str | None = option(None, help="custom: field (column) of the question")
+    answer_field: str | None = option(None, help="custom: field of the gold final answer")
+    answer_kind: str | None = option(
+        None,
+        help="custom: what the answers are: a number, yes/no, a choice letter or a short text "
+        "(compared ignoring case, punctuation, articles and spacing)",
+        choices=ANSWER_KINDS,
+    )
+    id_field: str | None = option(
+        None, help="custom: field of a stable id (default: custom/<split>/<row>)"
+    )
+    solution_field: str | None = option(
+        None, help="custom: field of a gold worked solution (shown to the teacher)"
+    )
+    steps_field: str | None = option(
+        None,
+        help="custom: field of gold steps: a list of {question, answer} (or [q, a] pairs), as "
+        "JSON text in a CSV, or lines 'sub-question ** answer'",
+    )
+    choices_field: str | None = option(
+        None,
+        help="custom, answer kind choice: field of the options (a list, {label, text}, JSON "
+        "text or 'a | b | c'); they are appended to the question as (A) ... (B) ...",
+    )
+    skip_bad_records: bool = option(
+        False,
+        help="leave out records that cannot be read (missing or empty field, an answer not of "
+        "its kind) and count them in the summary, instead of stopping at the first",
+    )
 
 
 @dataclass(frozen=True)
@@ -97,30 +196,90 @@ class DatasetSpec:
     holdout: float | None = None
     seed: int = 0
     limit: int | None = None
+    custom: CustomFields | None = None
+    skip_bad_records: bool = False
     stats: LoadStats = field(default_factory=LoadStats, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.name == "custom":
+            if self.custom is None:
+                raise ValueError(
+                    "--dataset custom needs --question-field, --answer-field and --answer-kind"
+                )
+            if not self.path and not self.hub_id:
+                raise ValueError("--dataset custom needs --path: a local file or a hub dataset id")
+        elif self.custom is not None:
+            raise ValueError(
+                "--question-field, --answer-field, --answer-kind and the other field options are "
+                f"for --dataset custom, not {self.name}"
+            )
 
     @classmethod
     def from_config(cls, cfg: Any) -> DatasetSpec:
         """The spec a stage's config names with its dataset options (`dataset`, `split`, `path`,
-        `dataset_config`, `hub_id`, `seed`, `limit`): one mapping, shared by every stage."""
+        `dataset_config`, `hub_id`, `seed`, `limit`, and `DatasetOptions`): one mapping, shared
+        by every stage. A config without `DatasetOptions` reads as having none of them set."""
+        opt = {f: getattr(cfg, f, None) for f in _CUSTOM_OPTIONS}
+        config, hub_config = getattr(cfg, "dataset_config", None), opt.pop("hub_config")
+        if hub_config and config and hub_config != config:
+            raise ValueError(f"--hub-config {hub_config!r} and --dataset-config {config!r} differ")
+        custom = None
+        if any(opt.values()):
+            missing = [f for f in ("question_field", "answer_field", "answer_kind") if not opt[f]]
+            if missing:
+                flags = ", ".join("--" + f.replace("_", "-") for f in missing)
+                raise ValueError(f"--dataset {cfg.dataset}: a custom dataset also needs {flags}")
+            custom = CustomFields(
+                question=opt["question_field"],
+                answer=opt["answer_field"],
+                answer_kind=opt["answer_kind"],
+                id=opt["id_field"],
+                solution=opt["solution_field"],
+                steps=opt["steps_field"],
+                choices=opt["choices_field"],
+            )
         return cls(
             cfg.dataset,
             split=cfg.split,
-            path=cfg.path,
-            config=cfg.dataset_config,
-            hub_id=cfg.hub_id,
-            seed=cfg.seed,
-            limit=cfg.limit,
+            path=getattr(cfg, "path", None),
+            config=hub_config or config,
+            hub_id=getattr(cfg, "hub_id", None),
+            seed=getattr(cfg, "seed", 0),
+            limit=getattr(cfg, "limit", None),
+            custom=custom,
+            skip_bad_records=bool(getattr(cfg, "skip_bad_records", False)),
         )
 
 
-Located = tuple[str, dict[str, Any]]  # (where in the source, record)
+_CUSTOM_OPTIONS = (
+    "hub_config",
+    "question_field",
+    "answer_field",
+    "answer_kind",
+    "id_field",
+    "solution_field",
+    "steps_field",
+    "choices_field",
+)
+
+
+# (where in the source, record); the record is None only where a reader was given `on_bad_line`
+# and passed over an unreadable one
+Located = tuple[str, dict[str, Any] | None]
+
+
+_LAST_STATS: dict[DatasetSpec, LoadStats] = {}
 
 
 def load_problems(spec: DatasetSpec) -> Iterator[Problem]:
-    """Yield the problems `spec` names, streaming (a file is never held twice in memory)."""
+    """Yield the problems `spec` names, streaming (a file is never held twice in memory).
+
+    `spec.stats` describes this load (reset when it starts) and is also what `load_stats`
+    returns for an equal spec afterwards."""
     if spec.name not in DATASETS:
         raise ValueError(f"unknown dataset {spec.name!r}; known: {', '.join(DATASETS)}")
+    spec.stats.reset()  # a reload counts afresh, never twice
+    _LAST_STATS[spec] = spec.stats
     for count, problem in enumerate(_ADAPTERS[spec.name](spec), 1):
         if spec.limit is not None and count > spec.limit:
             return
@@ -128,17 +287,33 @@ def load_problems(spec: DatasetSpec) -> Iterator[Problem]:
         yield problem
 
 
+def load_stats(spec: DatasetSpec) -> LoadStats | None:
+    """The stats of this process's latest load of a spec equal to `spec`, or None if none.
+
+    Why not only `spec.stats`: a stage builds its spec where it loads (the annotation driver's
+    loop) and reports elsewhere (its summary, from the config); equal specs name the same
+    problems, so the summary finds the count of what was skipped without the spec object
+    being threaded through every module in between."""
+    return _LAST_STATS.get(spec)
+
+
 # --- reading sources -------------------------------------------------------------------------
 
 
-def read_local(path: str | Path) -> Iterator[Located]:
-    """Records of a local jsonl/json/csv/parquet file, each with its location for error messages."""
+def read_local(
+    path: str | Path, on_bad_line: Callable[[DatasetRecordError], None] | None = None
+) -> Iterator[Located]:
+    """Records of a local jsonl/json/csv/parquet file, each with its location for error messages.
+
+    A jsonl line that is not a JSON object raises, or, with `on_bad_line`, is handed to it and
+    yields `(where, None)` in its place (one bad line need not cost the file, and the records
+    after it keep their positions)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"dataset file not found: {p}")
     suffix = p.suffix.lower()
     if suffix == ".jsonl":
-        yield from _read_jsonl(p)
+        yield from _read_jsonl(p, on_bad_line)
     elif suffix == ".json":
         yield from _read_json(p)
     elif suffix == ".csv":
@@ -158,7 +333,9 @@ def read_local(path: str | Path) -> Iterator[Located]:
         raise ValueError(f"{p}: unsupported file type {suffix!r}; use {', '.join(LOCAL_SUFFIXES)}")
 
 
-def _read_jsonl(p: Path) -> Iterator[Located]:
+def _read_jsonl(
+    p: Path, on_bad_line: Callable[[DatasetRecordError], None] | None = None
+) -> Iterator[Located]:
     with p.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -166,9 +343,19 @@ def _read_jsonl(p: Path) -> Iterator[Located]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DatasetRecordError(str(p), f"line {n}", "<json>", f"not JSON: {e}") from e
+                error = DatasetRecordError(str(p), f"line {n}", "<json>", f"not JSON: {e}")
+                if on_bad_line is None:
+                    raise error from e
+                on_bad_line(error)
+                yield f"line {n}", None
+                continue
             if not isinstance(record, dict):
-                raise DatasetRecordError(str(p), f"line {n}", "<json>", "not a JSON object")
+                error = DatasetRecordError(str(p), f"line {n}", "<json>", "not a JSON object")
+                if on_bad_line is None:
+                    raise error
+                on_bad_line(error)
+                yield f"line {n}", None
+                continue
             yield f"line {n}", record
 
 
@@ -200,11 +387,36 @@ def read_hub(hub_id: str, config: str | None, split: str) -> Iterator[Located]:
 
 
 def _source(spec: DatasetSpec, default_config: str | None = None) -> tuple[str, Iterator[Located]]:
+    skip = spec.stats.skip if spec.skip_bad_records else None
     if spec.path:
-        return spec.path, read_local(spec.path)
+        return spec.path, read_local(spec.path, skip)
     hub_id = spec.hub_id or HUB_IDS[spec.name]
     config = spec.config or default_config
     return f"{hub_id}[{config or 'default'}:{spec.split}]", read_hub(hub_id, config, spec.split)
+
+
+def _each(
+    spec: DatasetSpec,
+    source: str,
+    records: Iterable[Located],
+    parse: Callable[[_Fields, int], Problem | None],
+) -> Iterator[Problem]:
+    """`parse(fields, position)` of every record (None: not wanted here). A bad record raises
+    its DatasetRecordError, or with `spec.skip_bad_records` is counted in `spec.stats` and left
+    out; positions count every record either way, so positional ids never shift when one is
+    skipped."""
+    for n, (where, record) in enumerate(records):
+        if record is None:  # unreadable, already counted by the reader's `on_bad_line`
+            continue
+        try:
+            problem = parse(_Fields(source, where, record), n)
+        except DatasetRecordError as e:
+            if not spec.skip_bad_records:
+                raise
+            spec.stats.skip(e)
+            continue
+        if problem is not None:
+            yield problem
 
 
 class _Fields:
@@ -248,9 +460,10 @@ def _load_gsm8k(spec: DatasetSpec) -> Iterator[Problem]:
     if config not in ("main", "socratic"):
         raise ValueError(f"gsm8k config must be 'main' or 'socratic', got {config!r}")
     source, records = _source(spec, default_config=config)
-    for n, (where, record) in enumerate(records):
-        f = _Fields(source, where, record)
-        yield gsm8k_problem(f, spec.split, n, config == "socratic", spec.stats)
+    socratic = config == "socratic"
+    yield from _each(
+        spec, source, records, lambda f, n: gsm8k_problem(f, spec.split, n, socratic, spec.stats)
+    )
 
 
 def gsm8k_problem(
@@ -300,10 +513,7 @@ def _load_svamp(spec: DatasetSpec) -> Iterator[Problem]:
         # The SVAMP repo's CSVs are already splits; SVAMP.json and the hub's single set are not.
         own_split = spec.path is not None and spec.path.lower().endswith(".csv")
         holdout = 0.0 if own_split else SVAMP_TEST_FRACTION
-    rows = [
-        svamp_problem(_Fields(source, where, r), spec.split, n)
-        for n, (where, r) in enumerate(records)
-    ]
+    rows = list(_each(spec, source, records, lambda f, n: svamp_problem(f, spec.split, n)))
     if holdout:
         yield from _seeded_split(rows, spec.split, holdout, spec.seed)
     else:
@@ -363,8 +573,9 @@ def _seeded_split(
 
 def _load_strategyqa(spec: DatasetSpec) -> Iterator[Problem]:
     source, records = _source(spec)
-    for n, (where, record) in enumerate(records):
-        yield strategyqa_problem(_Fields(source, where, record), spec.split, n, spec.stats)
+    yield from _each(
+        spec, source, records, lambda f, n: strategyqa_problem(f, spec.split, n, spec.stats)
+    )
 
 
 def strategyqa_problem(f: _Fields, split: str, index: int, stats: LoadStats) -> Problem:
@@ -405,20 +616,20 @@ def sample_path() -> Path:
 def _load_sample(spec: DatasetSpec) -> Iterator[Problem]:
     path = spec.path or str(sample_path())
     index: dict[str, int] = {}
-    for where, record in read_local(path):
-        f = _Fields(path, where, record)
+
+    def parse(f: _Fields, _: int) -> Problem | None:
         split = f.get("split")
         n = index.get(split, 0)
         index[split] = n + 1
         if spec.split not in ("all", split):
-            continue
+            return None
         raw_steps = f.get("steps", list)
         steps = []
         for k, s in enumerate(raw_steps, 1):
             if not isinstance(s, dict) or not s.get("question") or not s.get("answer"):
                 raise f.error("steps", f"step {k} needs a question and an answer")
             steps.append(Step(clean(s["question"]), clean(s["answer"])))
-        yield Problem(
+        return Problem(
             id=f"sample/{split}/{n}",
             dataset="sample",
             split=split,
@@ -427,6 +638,191 @@ def _load_sample(spec: DatasetSpec) -> Iterator[Problem]:
             solution="\n".join(s.answer for s in steps) or None,
             steps=tuple(steps),
         )
+
+    skip = spec.stats.skip if spec.skip_bad_records else None
+    yield from _each(spec, path, read_local(path, skip), parse)
+
+
+def is_local_path(dataset: str, path: str) -> bool:
+    """Whether a stage's `--path` names a local file (to be made absolute before Ray workers
+    see it) rather than a custom dataset's hub id, which must stay as written."""
+    if dataset != "custom":
+        return True
+    return Path(path).exists() or Path(path).suffix.lower() in LOCAL_SUFFIXES
+
+
+# --- custom: the user's own data ----------------------------------------------------------------
+
+LETTERS = "ABCDEFGHIJ"  # choice labels; `socratic.answers` reads A-J
+
+
+def _custom_source(spec: DatasetSpec) -> tuple[str, Iterator[Located]]:
+    """A local file (a `{split}` in its path replaced by the split), else a hub dataset id (or a
+    dataset directory `datasets.load_dataset` understands). A path with a file suffix that is
+    not there is a missing file, never silently a hub lookup."""
+    target = str(spec.path or spec.hub_id).replace("{split}", spec.split)
+    local = Path(target)
+    if spec.path and (local.is_file() or local.suffix.lower() in LOCAL_SUFFIXES):
+        return target, read_local(target, spec.stats.skip if spec.skip_bad_records else None)
+    source = f"{target}[{spec.config or 'default'}:{spec.split}]"
+    return source, read_hub(target, spec.config, spec.split)
+
+
+def _load_custom(spec: DatasetSpec) -> Iterator[Problem]:
+    assert spec.custom is not None  # DatasetSpec checks it
+    fields = spec.custom
+    source, records = _custom_source(spec)
+    seen: set[bytes] = set()  # digests of the ids given so far: a repeated id breaks resume
+
+    def parse(f: _Fields, n: int) -> Problem:
+        problem = custom_problem(f, fields, spec.split, n)
+        if fields.id:
+            digest = hashlib.blake2b(problem.id.encode(), digest_size=8).digest()
+            if digest in seen:
+                raise f.error(fields.id, f"duplicate id {problem.id!r}: ids must be unique")
+            seen.add(digest)
+        return problem
+
+    yield from _each(spec, source, records, parse)
+
+
+def custom_problem(f: _Fields, fields: CustomFields, split: str, index: int) -> Problem:
+    """One custom record as a Problem (see the module docstring for ids and choices)."""
+    question = clean(f.get(fields.question))
+    choices = _custom_choices(f, fields.choices) if fields.choices else None
+    answer = _custom_answer(f, fields, choices)
+    if choices is not None:
+        options = " ".join(f"({LETTERS[i]}) {text}" for i, text in enumerate(choices[1]))
+        question = f"{question} Options: {options}"
+    key = str(index)
+    if fields.id:
+        value = f.get(fields.id, (str, int))
+        if isinstance(value, bool):
+            raise f.error(fields.id, "expected str or int, got bool")
+        key = clean(str(value))
+    steps = _custom_steps(f, fields.steps) if fields.steps else ()
+    solution = None
+    if fields.solution:
+        solution = str(f.get(fields.solution, (str, int, float))).strip()
+    elif steps:
+        solution = "\n".join(s.answer for s in steps)
+    return Problem(
+        id=f"custom/{split}/{key}",
+        dataset="custom",
+        split=split,
+        question=question,
+        answer=answer,
+        solution=solution,
+        steps=steps,
+        answer_kind=fields.answer_kind,
+    )
+
+
+def _custom_answer(
+    f: _Fields, fields: CustomFields, choices: tuple[list[str] | None, list[str]] | None
+) -> str:
+    """The gold answer normalised for its kind. A choice answer may also be an option's label
+    (`{label, text}` choices, e.g. ARC's "1".."4") or its exact text; it becomes the letter."""
+    name, kind = fields.answer, fields.answer_kind
+    raw = f.get(name, (str, int, float, bool))
+    if kind != "choice" or choices is None:
+        return f.answer(name, raw, kind)
+    labels, texts = choices
+    text = str(raw).strip()
+    letter = None
+    if labels is not None and text in labels:
+        letter = LETTERS[labels.index(text)]
+    if letter is None:
+        try:
+            letter = normalize_answer(text, "choice")
+        except ValueError:
+            same = [i for i, c in enumerate(texts) if normalize_text(c) == normalize_text(text)]
+            if len(same) != 1:
+                raise f.error(
+                    name,
+                    f"expected a choice letter (A-{LETTERS[len(texts) - 1]}) or the text of one "
+                    f"option, got {raw!r}",
+                ) from None
+            letter = LETTERS[same[0]]
+    if LETTERS.index(letter) >= len(texts):
+        raise f.error(name, f"answer {letter} but the record has {len(texts)} options")
+    return letter
+
+
+def _custom_choices(f: _Fields, name: str) -> tuple[list[str] | None, list[str]]:
+    """(labels or None, option texts) of a choices field: a list, a `{label, text}` mapping (the
+    hub's usual shape), JSON text of either, or 'a | b | c'."""
+    value = f.get(name, (list, tuple, dict, str))
+    if isinstance(value, str):
+        text = value.strip()
+        if text[:1] in "[{":
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise f.error(name, f"not JSON: {e}") from e
+        else:
+            value = [part.strip() for part in text.split("|")]
+    labels = None
+    if isinstance(value, dict):
+        if not isinstance(value.get("text"), list | tuple):
+            raise f.error(name, "a mapping of choices needs a 'text' list")
+        raw_labels = value.get("label")
+        labels = [str(x).strip() for x in raw_labels] if raw_labels is not None else None
+        value = value["text"]
+        if labels is not None and len(labels) != len(value):
+            raise f.error(name, f"{len(labels)} labels for {len(value)} options")
+    if not isinstance(value, list | tuple):
+        raise f.error(name, f"expected a list of options, got {type(value).__name__}")
+    texts = [clean(str(x)) if isinstance(x, str | int | float) else "" for x in value]
+    if any(not t for t in texts):
+        raise f.error(name, f"option {[bool(t) for t in texts].index(False) + 1} is empty")
+    if not 2 <= len(texts) <= len(LETTERS):
+        raise f.error(name, f"expected 2 to {len(LETTERS)} options, got {len(texts)}")
+    return labels, texts
+
+
+def _custom_steps(f: _Fields, name: str) -> tuple[Step, ...]:
+    """Gold steps: a list of `{question, answer}` or `[question, answer]`, a `{question: [...],
+    answer: [...]}` mapping (how the hub stores a list of pairs), JSON text of those, or lines
+    'sub-question ** answer' (GSM8K Socratic's)."""
+    value = f.get(name, (list, tuple, dict, str))
+    if isinstance(value, str):
+        text = value.strip()
+        if text[:1] in "[{":
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise f.error(name, f"not JSON: {e}") from e
+        else:
+            value = [line.partition("**")[::2] for line in text.splitlines() if line.strip()]
+            if any(not q.strip() or not a.strip() for q, a in value):
+                bad = next(k for k, (q, a) in enumerate(value, 1) if not q.strip() or not a.strip())
+                raise f.error(name, f"step {bad} is not 'sub-question ** answer'")
+    if isinstance(value, dict):
+        qs, answers = value.get("question"), value.get("answer")
+        if not isinstance(qs, list | tuple) or not isinstance(answers, list | tuple):
+            raise f.error(name, "a mapping of steps needs 'question' and 'answer' lists")
+        if len(qs) != len(answers):
+            raise f.error(name, f"{len(qs)} sub-questions for {len(answers)} answers")
+        value = list(zip(qs, answers, strict=True))
+    if not isinstance(value, list | tuple):
+        raise f.error(name, f"expected a list of steps, got {type(value).__name__}")
+    if not value:
+        raise f.error(name, "empty")
+    steps = []
+    for k, item in enumerate(value, 1):
+        if isinstance(item, dict):
+            q, a = item.get("question"), item.get("answer")
+        elif isinstance(item, list | tuple) and len(item) == 2:
+            q, a = item
+        else:
+            q = a = None
+        if not isinstance(q, str) or not isinstance(a, str | int | float) or isinstance(a, bool):
+            raise f.error(name, f"step {k} needs a question and an answer")
+        if not clean(q) or not clean(str(a)):
+            raise f.error(name, f"step {k} needs a question and an answer")
+        steps.append(Step(clean(q), clean(str(a))))
+    return tuple(steps)
 
 
 # --- arith, the generated family ---------------------------------------------------------------
@@ -446,4 +842,5 @@ _ADAPTERS: dict[str, Callable[[DatasetSpec], Iterator[Problem]]] = {
     "strategyqa": _load_strategyqa,
     "sample": _load_sample,
     "arith": _load_arith,
+    "custom": _load_custom,
 }

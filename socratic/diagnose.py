@@ -13,6 +13,13 @@ this measures which student a change helped, on the problems evaluation scores.
   a lower bound on the pipeline's accuracy with a gold solver: a gold solver surely answers the
   gold sub-questions right, while a question worded otherwise may or may not be (measured on
   `arith`: 84 % exact decompositions, 92 % right answers from the trained pair).
+* Iterative decomposer (one sub-question per call, `decomposer_form="iterative"`): teacher-forced
+  like the solver. At every gold step k it gets the problem and the gold steps before k and
+  must write gold question k; after the last gold step it must stop (`formats.END`, or any reply
+  without a question: the loop stops on both). The same three figures: count right = it asked
+  at every gold step and stopped right after the last; question right per gold step; every
+  question exact and the stop right. With a gold solver the history is the gold one as long as
+  the questions are exact, so the last figure is the same bound as the "all" decomposer's.
 
 Both take the `generate(prompts) -> texts` callable of the solving loop (a `Generator`, or its
 `complete` with the calculator on), so they score what evaluation and Serve run.
@@ -28,6 +35,8 @@ from socratic.answers import answers_match, extract_answer
 from socratic.formats import (
     clean,
     decomposer_prompt,
+    decomposer_step_prompt,
+    parse_decomposer_step,
     parse_decomposition,
     parse_solver,
     solver_prompt,
@@ -82,9 +91,15 @@ def score_solver(
 
 
 def score_decomposer(
-    problems: Sequence[Problem], generate: Generate, *, batch_size: int = 64
+    problems: Sequence[Problem],
+    generate: Generate,
+    *,
+    batch_size: int = 64,
+    decomposer_form: str = "all",
 ) -> dict[str, Any]:
-    """The decomposer's sub-questions against the gold ones."""
+    """The decomposer's sub-questions against the gold ones (in its form: module doc)."""
+    if decomposer_form == "iterative":
+        return score_iterative_decomposer(problems, generate, batch_size=batch_size)
     problems = [p for p in problems if p.steps]
     outs = _batched(generate, [decomposer_prompt(p.question) for p in problems], batch_size)
     count = exact = 0
@@ -101,4 +116,42 @@ def score_decomposer(
         "count_right": _share(count, n),
         "question_right": _share(place_hits, place_total),
         "gold_solver_pipeline": _share(exact, n),
+    }
+
+
+def score_iterative_decomposer(
+    problems: Sequence[Problem], generate: Generate, *, batch_size: int = 64
+) -> dict[str, Any]:
+    """The iterative decomposer teacher-forced on the gold history: each gold question at its
+    step, then the stop (see the module doc). `stopped_early`: problems where it stopped before
+    the last gold step; `ran_on`: problems where it asked one more question after it."""
+    problems = [p for p in problems if p.steps]
+    prompts, where = [], []
+    for i, p in enumerate(problems):
+        for k in range(len(p.steps) + 1):
+            prompts.append(decomposer_step_prompt(p.question, p.steps[:k]))
+            where.append((i, k))
+    outs = _batched(generate, prompts, batch_size)
+    asked: dict[int, list[str | None]] = defaultdict(list)
+    for (i, _), text in zip(where, outs, strict=True):
+        asked[i].append(parse_decomposer_step(text))
+    count = exact = early = ran_on = 0
+    place_hits = place_total = 0
+    for i, p in enumerate(problems):
+        *mine, last = asked[i]
+        gold = [clean(s.question) for s in p.steps]
+        stops_right = last is None
+        early += any(q is None for q in mine)
+        ran_on += not stops_right
+        count += stops_right and all(q is not None for q in mine)
+        exact += stops_right and mine == gold
+        place_hits += sum(m == g for m, g in zip(mine, gold, strict=True))
+        place_total += len(gold)
+    n = len(problems)
+    return {
+        "count_right": _share(count, n),
+        "question_right": _share(place_hits, place_total),
+        "gold_solver_pipeline": _share(exact, n),
+        "stopped_early": _share(early, n),
+        "ran_on": _share(ran_on, n),
     }

@@ -12,6 +12,23 @@ Markers (plain ASCII words, no special tokens, so any tokenizer handles them unc
     Q<k>: <sub-question>                k counts from 1
     A<k>: <sub-answer>
     Answer: <final answer>              last line of cot and answer targets
+    Done.                               the iterative decomposer's "no more sub-questions"
+
+The decomposer has two forms (`DECOMPOSER_FORMS`). "all" (the default) writes every sub-question
+at once from the problem alone. "iterative" (one question per call) sees the problem and the
+steps answered so far and writes the next `Qk:` line, or `Done.` once the problem's question has
+been answered::
+
+    Problem: Ann has 3 bags of 4 apples and buys 2 more. How many apples does she have?
+    Sub-questions:
+    Q1: How many apples are in the bags?
+    A1: 3*4 = <<3*4=12>>12
+                                        <- target: "Q2: How many apples does she have?"
+
+and after the last answer the target is `Done.`. Why that marker: it is not a `Qk:` line, so no
+parser of sub-questions ever reads it as one (a `Qk: [end]` line would be a question to
+`parse_decomposition`); and the decision to stop is the reply's first token, not one taken after
+the student has already committed to a question number.
 
 Rules that make the formats tokenizer-safe and reversible:
 
@@ -43,12 +60,17 @@ from dataclasses import dataclass
 from socratic.records import Step
 
 ROLES = ("decomposer", "solver", "unified", "cot", "answer")
+DECOMPOSER_FORMS = ("all", "iterative")  # every sub-question at once; one per call (see above)
 
 PROBLEM = "Problem:"
 DECOMPOSER_HEADER = "Sub-questions:"
 UNIFIED_HEADER = "Steps:"
 COT_HEADER = "Solution:"
 ANSWER = "Answer:"
+# What the loop records for a step the solver left unanswered: never read as an answer (a text
+# answer kind would otherwise score the words "no answer").
+NO_ANSWER = "(no answer)"
+END = "Done."  # the iterative decomposer's last target: no sub-question left to ask
 
 _Q_LINE = re.compile(r"^Q(\d+):\s?(.*)$")
 _A_LINE = re.compile(r"^A(\d+):\s?(.*)$")
@@ -109,6 +131,13 @@ def decomposer_prompt(problem: str) -> str:
     return _problem_line(problem) + DECOMPOSER_HEADER + "\n"
 
 
+def decomposer_step_prompt(problem: str, history: Sequence[Step]) -> str:
+    """The iterative decomposer's prompt: the problem, then the steps answered so far (as the
+    solver sees them); it answers with the next `Qk:` line or `END`. With no history it is
+    `decomposer_prompt`: the first call of both forms reads the same text."""
+    return decomposer_prompt(problem) + _history(history)
+
+
 def solver_prompt(problem: str, history: Sequence[Step], question: str) -> str:
     """Problem, the steps answered so far, and the sub-question to answer next."""
     return _problem_line(problem) + _history(history) + _q(len(history) + 1, question) + "\n"
@@ -133,6 +162,11 @@ def decomposer_target(questions: Sequence[str]) -> str:
     if not questions:
         raise FormatError("a decomposition needs at least one sub-question")
     return "\n".join(_q(k, q) for k, q in enumerate(questions, 1))
+
+
+def decomposer_step_target(k: int, question: str | None) -> str:
+    """The iterative decomposer's target at step k: sub-question k, or `END` for None."""
+    return END if question is None else _q(k, question)
 
 
 def solver_target(k: int, answer: str) -> str:
@@ -163,7 +197,9 @@ class SolverSequence:
     context k > 1 is what lies between target k-1 and target k (`"\nQk: ...\n"`). Joined up to
     target k, the pieces are exactly the k-th per-example prompt (`solver_prompt`), so under
     causal attention every answer sees the context its own example gives it, and a trainer can
-    put the loss on every target in one pass instead of re-reading the prompt n times.
+    put the loss on every target in one pass instead of re-reading the prompt n times. The
+    iterative decomposer packs the same way (`decomposer_sequence`: its targets are the `Qk`
+    lines and `END`, its contexts the answers).
     """
 
     pieces: tuple[str, ...]
@@ -196,6 +232,23 @@ def solver_sequence(problem: str, steps: Sequence[Step]) -> SolverSequence:
     return SolverSequence(tuple(pieces))
 
 
+def decomposer_sequence(problem: str, steps: Sequence[Step]) -> SolverSequence:
+    """The iterative decomposer's examples of one problem packed as one text, as the solver's
+    are (`SolverSequence`): `problem Q1 A1 ... Qn An Done.` with the loss on the `Qk` lines and
+    `Done.`, the answers being context. Packed, a problem costs its tokens once instead of n+1
+    times, so at a token budget the iterative decomposer sees its data about as often as the
+    "all" one does (on `arith`, per-example it would see it ~4x less often)."""
+    if not steps:
+        raise FormatError("a decomposition needs at least one sub-question")
+    pieces: list[str] = [decomposer_prompt(problem)]
+    for k, s in enumerate(steps, 1):
+        if k > 1:
+            pieces.append("\n" + _a(k - 1, steps[k - 2].answer) + "\n")
+        pieces.append(decomposer_step_target(k, s.question))
+    pieces += ["\n" + _a(len(steps), steps[-1].answer) + "\n", END]
+    return SolverSequence(tuple(pieces))
+
+
 def examples_for(
     role: str,
     *,
@@ -203,13 +256,30 @@ def examples_for(
     steps: Sequence[Step] = (),
     solution: str | None = None,
     answer: str | None = None,
+    decomposer_form: str = "all",
 ) -> list[Example]:
     """All training examples one annotated problem gives a role.
 
     The solver gets one example per sub-question, each with the problem and every earlier step
-    in its prompt, which is exactly what it will see inside the solving loop.
+    in its prompt, which is exactly what it will see inside the solving loop. The decomposer
+    gets one example (`decomposer_form` "all") or, "iterative", one per sub-question plus the
+    `END` one, each with the steps before it, as the iterative solving loop asks it.
     """
     if role == "decomposer":
+        if decomposer_form == "iterative":
+            if not steps:
+                raise FormatError("a decomposition needs at least one sub-question")
+            qs: list[str | None] = [s.question for s in steps]
+            prompt = decomposer_step_prompt
+            return [
+                Example(prompt(problem, steps[:k]), decomposer_step_target(k + 1, q))
+                for k, q in enumerate([*qs, None])
+            ]
+        if decomposer_form != "all":
+            raise FormatError(
+                f"unknown decomposer form {decomposer_form!r}; forms are "
+                + ", ".join(DECOMPOSER_FORMS)
+            )
         return [Example(decomposer_prompt(problem), decomposer_target([s.question for s in steps]))]
     if role == "solver":
         if not steps:
@@ -256,6 +326,21 @@ def parse_decomposition(text: str) -> list[str]:
         if q := clean(m.group(2)):
             out.append(q)
     return out
+
+
+def parse_decomposer_step(text: str) -> str | None:
+    """The next sub-question from the iterative decomposer: its first line's `Qk:` question
+    (k is not checked: the loop numbers the steps itself). None when the reply is `END` or has
+    no question on its first line; `decomposer_step_ends` tells the two apart."""
+    lines = _lines(text)
+    m = _Q_LINE.match(lines[0]) if lines else None
+    return (clean(m.group(2)) or None) if m else None
+
+
+def decomposer_step_ends(text: str) -> bool:
+    """Whether the iterative decomposer's reply is the end marker (its first line is `END`)."""
+    lines = _lines(text)
+    return bool(lines) and lines[0] == END
 
 
 def parse_solver(text: str) -> str:

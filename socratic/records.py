@@ -7,8 +7,9 @@ dataclasses: a problem is a fact about a dataset, and nothing downstream should 
 Beyond the columns ARCHITECTURE.md lists, a row carries `style` (`socratic` or `cot`: which
 prompt family wrote it), `cache_key` (a hash of everything that shaped the teacher call: prompt
 text and version, model, sampling parameters, problem id, sample index; resume keys on it, so a
-changed prompt is never served a stale answer) and `attempts` (teacher calls made for the row, so
-retries are counted from what is in the Parquet).
+changed prompt is never served a stale answer), `attempts` (teacher calls made for the row, so
+retries are counted from what is in the Parquet) and `answer_kind` (the problem's: a custom
+dataset's choice letters or short texts must be read and compared as such by every later stage).
 
 One naming note: an annotation row carries two step lists. `steps` holds the decomposition that
 row is *about* (the teacher's, or the dataset's own in `--mode gold`), and `gold_steps` holds the
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+
+from socratic.answers import ANSWER_KINDS
 
 ACCEPTED = "accepted"
 REJECTED = "rejected"
@@ -59,7 +62,10 @@ class Problem:
 
     `id` is stable across runs (`gsm8k/test/17`): resuming an annotation job and joining
     predictions to gold both key on it. `answer` is the normalised gold answer text
-    (`socratic.answers.normalize_answer`), e.g. "1234.5" or "yes".
+    (`socratic.answers.normalize_answer`), e.g. "1234.5" or "yes". `answer_kind` says how to
+    read and compare answers (`socratic.answers.ANSWER_KINDS`); a custom dataset states it, and
+    left empty it is inferred as before kinds were stated: `yesno` for a yes/no answer, else
+    `number` (so rows written before the field existed read back the same).
     """
 
     id: str
@@ -69,11 +75,17 @@ class Problem:
     answer: str
     solution: str | None = None
     steps: tuple[Step, ...] = field(default=())
+    answer_kind: str = ""
 
-    @property
-    def answer_kind(self) -> str:
-        """`yesno` for StrategyQA-style answers, `number` otherwise; picks the answer parser."""
-        return "yesno" if self.answer in YES_NO else "number"
+    def __post_init__(self) -> None:
+        if not self.answer_kind:
+            inferred = "yesno" if self.answer in YES_NO else "number"
+            object.__setattr__(self, "answer_kind", inferred)
+        elif self.answer_kind not in ANSWER_KINDS:
+            raise ValueError(
+                f"{self.id}: answer_kind must be one of {', '.join(ANSWER_KINDS)}, "
+                f"not {self.answer_kind!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -84,6 +96,7 @@ class Problem:
             "answer": self.answer,
             "solution": self.solution,
             "steps": [s.to_dict() for s in self.steps],
+            "answer_kind": self.answer_kind,
         }
 
     @classmethod
@@ -96,6 +109,7 @@ class Problem:
             answer=str(data["answer"]),
             solution=data.get("solution"),
             steps=steps_from(data.get("steps")),
+            answer_kind=data.get("answer_kind") or "",
         )
 
 
@@ -128,6 +142,9 @@ ANNOTATION_SCHEMA = pa.schema(
         pa.field("step_check", pa.string()),
         # hash of the sub-questions: equal within a problem = the same decomposition sampled again
         pa.field("decomposition", pa.string()),
+        # the problem's answer kind (number, yesno, choice, text): how `predicted` was read and
+        # compared; null in rows written before it existed (read back as inferred)
+        pa.field("answer_kind", pa.string()),
     ]
 )
 
@@ -189,7 +206,7 @@ def annotation_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
 
 # Nullable columns the row gained after its first release: Parquet written before them reads as
 # null there (`conform_annotations`), so an old output can be resumed and trained on.
-ADDED_COLUMNS = ("step_check", "decomposition")
+ADDED_COLUMNS = ("step_check", "decomposition", "answer_kind")
 
 
 def check_annotation_schema(schema: pa.Schema, source: str) -> None:
@@ -237,4 +254,5 @@ def problem_from_row(row: Mapping[str, Any]) -> Problem:
         answer=row["answer"],
         solution=row.get("solution"),
         steps=steps_from(row.get("gold_steps")),
+        answer_kind=row.get("answer_kind") or "",
     )

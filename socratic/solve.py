@@ -10,6 +10,14 @@ The loop: decompose the problem into sub-questions (at most `max_steps`); for ea
 solver the problem, every earlier (sub-question, answer) pair and the next sub-question; the
 final answer is read from the last sub-answer with `socratic.answers.extract_answer`.
 
+Two decomposer forms (`socratic.formats.DECOMPOSER_FORMS`): "all" asks the decomposer once for
+every sub-question; "iterative" asks it for one sub-question at a time, given the steps answered
+so far, alternating with the solver until it writes the end marker (`formats.END`) or
+`max_steps` questions were asked. Either form falls back to the problem's own question when the
+first reply holds none; a later unusable reply ends the iterative loop like the marker does. A
+model dir says its form (`decomposer_form_of`), so evaluation and Serve run the loop it was
+trained for without a flag.
+
 Calculator (on by default): solver answers keep GSM8K annotations (`48/2 = <<48/2=24>>24`), and
 small students set up arithmetic far better than they carry it out. As in the GSM8K paper, the
 result is forced inside decoding: give the loop a solver that runs `Generator.complete(...,
@@ -22,16 +30,22 @@ is kept - and so before later steps see it. Turn it off to measure the student's
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from socratic.answers import extract_answer
 from socratic.calculator import apply_calculator
 from socratic.formats import (
+    DECOMPOSER_FORMS,
+    NO_ANSWER,
     clean,
     decomposer_prompt,
+    decomposer_step_prompt,
+    parse_decomposer_step,
     parse_decomposition,
     parse_solver,
     solver_prompt,
@@ -42,6 +56,9 @@ from socratic.records import Step
 DECOMPOSER = "decomposer"
 SOLVER = "solver"
 DEFAULT_MAX_STEPS = 8
+# Written beside an exported student by `trainers/export.py` (its PROVENANCE_FILE; socratic/ does
+# not import trainers/): its "decomposer_form" says which loop a decomposer was trained for.
+PROVENANCE_FILE = "provenance.json"
 
 # A model is any callable from prompts to texts. It may return `Completion`s instead (text plus
 # token counts): then every Solution also says how many tokens its problem cost.
@@ -105,17 +122,34 @@ def fallback_question(problem: str) -> str:
     return clean(m.group(1)) if m else clean(problem)
 
 
+def decomposer_form_of(model_dir: str | Path) -> str:
+    """The form a decomposer was trained in, from its `provenance.json` ("all" when the dir has
+    none, e.g. a hub id, a URI or a student exported before forms existed)."""
+    f = Path(str(model_dir)) / PROVENANCE_FILE
+    if "://" in str(model_dir) or not f.is_file():
+        return "all"
+    record = json.loads(f.read_text())
+    form = record.get("decomposer_form") or (record.get("config") or {}).get("decomposer_form")
+    if form not in (None, *DECOMPOSER_FORMS):
+        raise ValueError(f"{f}: unknown decomposer_form {form!r}")
+    return form or "all"
+
+
 def solving_loop(
     problem: str,
     *,
     max_steps: int = DEFAULT_MAX_STEPS,
     calculator: bool = True,
     answer_kind: str = "number",
+    decomposer_form: str = "all",
 ) -> Generator[Event, Reply | None, Solution]:
     """The loop as a generator of events: `Ask` (send back the model's text) and `Solved`
-    (send None); it returns the Solution. Each Ask is timed until its text comes back."""
+    (send None); it returns the Solution. Each Ask is timed until its text comes back.
+    `decomposer_form` "iterative" asks the decomposer again before every step (module doc)."""
     if max_steps < 1:
         raise ValueError("max_steps must be at least 1")
+    if decomposer_form not in DECOMPOSER_FORMS:
+        raise ValueError(f"decomposer_form must be one of {', '.join(DECOMPOSER_FORMS)}")
     timings: dict[str, float] = {}
     counts = {"tokens": 0, "calculator_forced": 0, "calculator_refused": 0, "truncated": 0}
     errors: list[str] = []
@@ -136,19 +170,37 @@ def solving_loop(
         errors.extend(reply.calculator_errors)
         return reply.text, reply.calculator
 
-    t = time.perf_counter()
-    text, _ = text_of((yield Ask(DECOMPOSER, decomposer_prompt(problem))))
-    timings["decompose_s"] = time.perf_counter() - t
-    questions = parse_decomposition(text)[:max_steps]
-    fallback = not questions
-    if fallback:
-        questions = [fallback_question(problem)]
+    iterative = decomposer_form == "iterative"
     steps: list[Step] = []
-    for k, q in enumerate(questions, 1):
+    questions: list[str] = []
+    fallback = False
+    timings["decompose_s"] = 0.0  # every decomposer call, summed (one, unless iterative)
+
+    def decompose() -> Generator[Event, Reply | None, None]:
+        """Ask for the next sub-question(s) and append them to `questions`."""
+        nonlocal fallback
+        t = time.perf_counter()
+        prompt = decomposer_step_prompt(problem, steps) if iterative else decomposer_prompt(problem)
+        text, _ = text_of((yield Ask(DECOMPOSER, prompt)))
+        timings["decompose_s"] += time.perf_counter() - t
+        if iterative:
+            q = parse_decomposer_step(text)
+            questions.extend([q] if q else [])
+        else:
+            questions.extend(parse_decomposition(text)[:max_steps])
+        if not questions:
+            fallback = True
+            questions.append(fallback_question(problem))
+
+    yield from decompose()
+    k = 0
+    while k < len(questions):
+        k += 1
+        q = questions[k - 1]
         t = time.perf_counter()
         raw, in_decoding = text_of((yield Ask(SOLVER, solver_prompt(problem, steps, q))))
         timings[f"step{k}_s"] = time.perf_counter() - t
-        answer = parse_solver(raw) or "(no answer)"
+        answer = parse_solver(raw) or NO_ANSWER
         if calculator and not in_decoding:  # the fallback, for text that bypassed decoding's
             result = apply_calculator(answer)
             answer = result.text
@@ -156,7 +208,10 @@ def solving_loop(
             counts["calculator_refused"] += len(result.errors)
         steps.append(Step(q, answer))
         yield Solved(k, steps[-1])
-    final = extract_answer(steps[-1].answer, answer_kind)
+        if iterative and not fallback and k < max_steps:
+            yield from decompose()  # the end marker or an unusable reply adds none: the end
+    last = steps[-1].answer
+    final = None if last == NO_ANSWER else extract_answer(last, answer_kind)
     timings["total_s"] = sum(timings.values())
     return Solution(problem, final, steps, questions, timings, errors, fallback, **counts)
 

@@ -76,3 +76,37 @@ def test_wilson_interval_and_spread() -> None:
     assert mean_spread([50.0]) == (50.0, 0.0)
     m, sd = mean_spread([40.0, 50.0, 60.0])
     assert m == 50.0 and sd == pytest.approx(10.0)
+
+
+def test_the_iterative_decomposer_is_teacher_forced_step_by_step_then_must_stop() -> None:
+    from socratic.diagnose import score_decomposer
+    from socratic.formats import END, decomposer_step_prompt, decomposer_step_target
+
+    asked: list[str] = []
+    replies = {}
+    for i, p in enumerate(PROBLEMS):
+        n = len(p.steps)
+        for k in range(n + 1):
+            reply = decomposer_step_target(k + 1, p.steps[k].question if k < n else None)
+            if i == 0 and k == n:
+                reply = f"Q{k + 1}: And then?"  # runs on past the last step
+            elif i == 1 and k == 1:
+                reply = END  # stops one step early
+            elif i == 2 and k == 0:
+                reply = "Q1: How many?"  # asks, but not the gold question
+            elif i == 3 and k == n:
+                reply = "no idea"  # no question: the loop stops on it, so it counts as a stop
+            replies[decomposer_step_prompt(p.question, p.steps[:k])] = reply
+
+    def gen(prompts: list[str]) -> list[str]:
+        asked.extend(prompts)
+        return [replies[x] for x in prompts]
+
+    r = score_decomposer(PROBLEMS, gen, batch_size=7, decomposer_form="iterative")
+    n = len(PROBLEMS)
+    assert len(asked) == sum(len(p.steps) + 1 for p in PROBLEMS)  # every gold step, and the end
+    assert r["count_right"]["correct"] == n - 2  # problem 0 ran on, problem 1 stopped early
+    assert r["gold_solver_pipeline"]["correct"] == n - 3  # and problem 2 asked a wrong question
+    assert (r["stopped_early"]["correct"], r["ran_on"]["correct"]) == (1, 1)
+    total = sum(len(p.steps) for p in PROBLEMS)
+    assert r["question_right"] == {**r["question_right"], "correct": total - 2, "total": total}

@@ -97,10 +97,13 @@ def test_every_method_scores_every_problem_once(ray_cluster, tiny_model_dir, tmp
         assert r["tokens"] == sum(x["tokens"] for x in rows)
         assert r["calculator_forced"] == sum(x["calculator_forced"] for x in rows)
         assert r["calculator_refused"] == sum(x["calculator_refused"] for x in rows)
+        assert r["no_answer"] == sum(not x["predicted"] for x in rows)
+        assert r["no_answer_pct"] == round(100 * r["no_answer"] / len(rows), 2)
+    assert (summary["answer_kind"], summary["skipped_records"]) == ("number", 0)
     table = (out / "results.md").read_text()
     assert "| Socratic, decomposer + solver | on |" in table
     assert "| Chain of thought | off |" in table and "| Socratic, unified student | on |" in table
-    assert "| Answer only | n/a |" in table
+    assert "| Answer only | n/a |" in table and "; no answer " in table
 
     # Same model, same greedy loop in-process: the Ray Data actors must give the same answers,
     # steps and token counts (batched or not).
@@ -176,6 +179,54 @@ def test_bad_options_are_refused() -> None:
         EvaluateConfig(dataset="sample", methods="iterative,beam")
     with pytest.raises(SystemExit):
         main(["--dataset", "sample", "--calculator", "sometimes"])
+
+
+def test_the_summary_reports_the_share_with_no_answer(tmp_path: Path) -> None:
+    """Beside accuracy, each row says how many outputs had no answer to read (a student that
+    never writes one needs another fix than one that answers wrong); from hand-made Parquet."""
+    from pipelines.evaluate import format_summary, results_markdown, summarize
+    from pipelines.journal import output_fs
+
+    out = tmp_path / "eval"
+    (out / "predictions" / "answer").mkdir(parents=True)
+    base = {"dataset": "sample", "split": "test", "method": "answer", "calculator": None,
+            "question": "q", "gold": "4", "steps": [], "text": "", "tokens": 2,
+            "fallback": False, "calculator_forced": 0, "calculator_refused": 0,
+            "truncated": 0}  # fmt: skip
+    rows = [{**base, "id": "a", "predicted": "4", "correct": True},
+            {**base, "id": "b", "predicted": None, "correct": False},
+            {**base, "id": "c", "predicted": "5", "correct": False}]  # fmt: skip
+    table = pa.Table.from_pylist(rows, schema=PREDICTION_SCHEMA)
+    pq.write_table(table, out / "predictions" / "answer" / "part-0.parquet")
+    cfg = EvaluateConfig(dataset="sample", methods="answer", output=str(out))
+    summary = summarize(cfg, *output_fs(str(out)), 3, 1.0)
+    (r,) = summary["results"]
+    assert (r["correct"], r["no_answer"], r["no_answer_pct"]) == (1, 1, 33.33)
+    assert "| Answer only | n/a | 33.3 (1/3) [6.1, 79.2]; no answer 33.3 % |" in results_markdown(
+        summary
+    )
+    assert "33.33 % [6.1, 79.2] (1/3), no answer 33.3 %, 2.0 tokens/problem" in format_summary(
+        summary
+    )
+
+
+def test_each_answer_kind_is_read_and_scored_as_its_kind() -> None:
+    """Custom datasets' kinds: a choice letter and a short text, read from a one-pass student's
+    text and scored (`Evaluator._row`) as the judge compares them."""
+    assert read_one_pass("answer", "Answer: (c)\n", "choice") == ("C", [])
+    assert read_one_pass("cot", "It is east of Africa.\nAnswer: the indian ocean\n", "text") == (
+        "the indian ocean",
+        [],
+    )
+    actor = Evaluator.__new__(Evaluator)  # no models needed to score a row
+    actor.method = "answer"
+    item = {"id": "custom/test/0", "dataset": "custom", "split": "test", "question": "q"}
+    text = {**item, "answer": "Indian Ocean", "answer_kind": "text"}
+    assert actor._row(text, "the indian ocean!")["correct"] is True
+    assert actor._row(text, "Pacific")["correct"] is False
+    choice = {**item, "answer": "C", "answer_kind": "choice"}
+    assert actor._row(choice, "C")["correct"] is True
+    assert actor._row(choice, None)["correct"] is False
 
 
 def test_one_pass_readers() -> None:

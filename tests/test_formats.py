@@ -164,3 +164,69 @@ def test_prompts_are_built_from_nfc_text() -> None:
     assert decomposer_prompt("Jose\u0301 has 3?") == decomposer_prompt("Jos\u00e9 has 3?")
     q = "How many?"
     assert solver_prompt("Jose\u0301?", [], q) == solver_prompt("Jos\u00e9?", [], q)
+
+
+@given(text, steps)
+def test_iterative_decomposer_round_trip_one_example_per_step_then_the_end(
+    problem: str, ss: list[Step]
+) -> None:
+    exs = examples_for("decomposer", problem=problem, steps=ss, decomposer_form="iterative")
+    assert len(exs) == len(ss) + 1
+    for k, ex in enumerate(exs):
+        # the prompt holds the problem and exactly the k steps answered so far
+        assert ex.prompt == formats.decomposer_step_prompt(problem, ss[:k])
+        assert ex.prompt.count("\nA") == k and ex.prompt.endswith("\n")
+        if k < len(ss):
+            assert ex.target.startswith(f"Q{k + 1}: ")
+            assert formats.parse_decomposer_step(ex.target) == clean(ss[k].question)
+            assert not formats.decomposer_step_ends(ex.target)
+        else:
+            assert ex.target == formats.END
+            assert formats.parse_decomposer_step(ex.target) is None
+            assert formats.decomposer_step_ends(ex.target)
+    # the first prompt is the "all" decomposer's: both forms are asked the same thing first
+    assert exs[0].prompt == formats.decomposer_prompt(problem)
+    assert formats.decomposer_sequence(problem, ss).examples() == exs
+
+
+def test_iterative_decomposer_layout_and_lenient_parsing() -> None:
+    ss = [Step("How many clips in May?", "48/2 = <<48/2=24>>24"), Step("Total?", "48+24 = 72")]
+    exs = examples_for("decomposer", problem="Natalia sold clips.", steps=ss,
+                       decomposer_form="iterative")  # fmt: skip
+    assert exs[1] == Example(
+        "Problem: Natalia sold clips.\nSub-questions:\nQ1: How many clips in May?\n"
+        "A1: 48/2 = <<48/2=24>>24\n",
+        "Q2: Total?",
+    )
+    assert exs[2].target == "Done."
+    seq = formats.decomposer_sequence("Natalia sold clips.", ss)
+    assert seq.targets == ("Q1: How many clips in May?", "Q2: Total?", "Done.")
+    # model output: the first line decides; the number k is not checked; the rest is ignored
+    assert formats.parse_decomposer_step("Q3: next?\nA3: 5\nQ4: more?") == "next?"
+    assert formats.parse_decomposer_step("\n  Done.  \nQ2: x?") is None
+    assert formats.decomposer_step_ends("\n  Done.  \nQ2: x?")
+    for junk in ("", "I think we are done", "Q2:   ", "A1: 4"):
+        assert formats.parse_decomposer_step(junk) is None
+        assert not formats.decomposer_step_ends(junk)
+    # a question worded "Done." is still a question: the marker is a bare line
+    assert formats.parse_decomposer_step("Q2: Done.") == "Done."
+    with pytest.raises(FormatError, match="unknown decomposer form 'each'"):
+        examples_for("decomposer", problem="p", steps=ss, decomposer_form="each")
+    with pytest.raises(FormatError, match="at least one sub-question"):
+        examples_for("decomposer", problem="p", steps=[], decomposer_form="iterative")
+    with pytest.raises(FormatError, match="at least one sub-question"):
+        formats.decomposer_sequence("p", [])
+
+
+def test_iterative_decomposer_boundary_with_a_real_bpe(tiny_model_dir) -> None:
+    """The iterative decomposer's prompts and targets split at a line break too."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ss = [Step("How much is 3 times 4?", "3*4 = <<3*4=12>>12"), Step("And plus 2?", "14")]
+    for ex in examples_for("decomposer", problem="Ann has 3 bags.", steps=ss,
+                           decomposer_form="iterative"):  # fmt: skip
+        whole = tok(ex.prompt + ex.target, add_special_tokens=False)["input_ids"]
+        parts = (tok(ex.prompt, add_special_tokens=False)["input_ids"]
+                 + tok(ex.target, add_special_tokens=False)["input_ids"])  # fmt: skip
+        assert parts == whole, ex

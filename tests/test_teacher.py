@@ -22,9 +22,10 @@ YESNO = Problem("strategyqa/dev/x", "strategyqa", "dev", "Is water wet?", "yes",
 def test_bundled_prompts_load_and_their_examples_parse(path: Path) -> None:
     prompt = Prompt.load(path)
     assert prompt.version and prompt.examples
-    gold = "yes" if "yesno" in path.stem else "0"
+    kind = next((k for k in ("yesno", "choice", "text") if k in path.stem), "number")
+    gold = {"yesno": "yes", "choice": "A", "text": "x", "number": "0"}[kind]
     for ex in prompt.examples:  # few-shot answers must be in the very format we parse
-        problem = Problem("x/y/0", "x", "y", ex["question"], gold)
+        problem = Problem("x/y/0", "x", "y", ex["question"], gold, answer_kind=kind)
         if prompt.style == "socratic":
             assert parse_unified(ex["response"])
         assert judge(problem, ex["response"], prompt.style).predicted is not None

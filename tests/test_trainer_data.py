@@ -382,3 +382,69 @@ def test_collate_feeds_the_tiny_model(tiny_model_dir, tokenizer) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     loss = model(**batch).loss
     assert torch.isfinite(loss)
+
+
+# --- the iterative decomposer (--decomposer-form iterative) -------------------------------------
+
+
+def test_iterative_decomposer_one_example_per_step_and_the_end_or_one_packed_sequence(
+    tokenizer,
+) -> None:
+    from socratic.formats import END, SolverSequence
+
+    rows = _accepted_rows(SAMPLE[:6])
+    per, stats = build_examples(rows, "decomposer", decomposer_form="iterative")
+    assert stats.examples == len(per) == sum(len(p.steps) + 1 for p in SAMPLE[:6])
+    assert per[len(SAMPLE[0].steps)].target == END
+    packed, stats = build_examples(rows, "decomposer", packed=True, decomposer_form="iterative")
+    assert stats.examples == len(packed) == 6 and isinstance(packed[0], SolverSequence)
+    assert [ex for seq in packed for ex in seq.examples()] == per
+    # packed, the loss is on the same targets, each in its own context, at fewer tokens
+    apart, together = tokenize(per, tokenizer, 4096), tokenize(packed, tokenizer, 4096)
+    assert together.examples == apart.examples == len(per)
+    assert together.target_tokens == apart.target_tokens and together.tokens < apart.tokens
+    # "all" (the default) and the solver are unchanged by the option
+    assert build_examples(rows, "decomposer")[0] == build_examples(
+        rows, "decomposer", packed=True, decomposer_form="all")[0]  # fmt: skip
+    assert build_examples(rows, "solver", decomposer_form="iterative")[0] == build_examples(
+        rows, "solver")[0]  # fmt: skip
+
+
+def test_decomposer_form_option_and_its_fingerprint(tokenizer, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from socratic.config import parse_config
+    from trainers.config import TrainConfig
+    from trainers.loop import fingerprint_changes, run_fingerprint
+
+    base = ["--data", "d.parquet", "--base-model", "gpt2"]
+    assert parse_config(TrainConfig, base).decomposer_form == "all"
+    cfg = parse_config(TrainConfig, [*base, "--decomposer-form", "iterative"])
+    assert cfg.decomposer_form == "iterative"
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, [*base, "--decomposer-form", "each"])
+    with pytest.raises(ValueError, match="--decomposer-form must be one of all, iterative"):
+        replace(cfg, decomposer_form="each")
+    rows = _accepted_rows(SAMPLE[:3])
+    fp = {
+        form: {role: run_fingerprint(replace(cfg, decomposer_form=form), role, rows, tokenizer)
+               for role in ("decomposer", "solver")}  # fmt: skip
+        for form in ("all", "iterative")
+    }
+    # "all" records nothing new, so a checkpoint written before the option still resumes
+    assert fp["all"]["decomposer"]["decomposer_form"] is None
+    assert fp["iterative"]["decomposer"]["decomposer_form"] == "iterative"
+    assert fingerprint_changes(fp["all"]["decomposer"], fp["iterative"]["decomposer"])
+    assert not fingerprint_changes(fp["all"]["solver"], fp["iterative"]["solver"])
+    old = {k: v for k, v in fp["all"]["decomposer"].items() if k != "decomposer_form"}
+    assert not fingerprint_changes(old, fp["all"]["decomposer"])
+
+
+def test_the_quality_study_plans_the_iterative_decomposer_on_what_the_trainer_trains() -> None:
+    """Its budget is tokens: steps come from the packed sequences the trainer really builds."""
+    from pipelines.quality import train_examples
+
+    rows = _accepted_rows(SAMPLE[:6])
+    packed, _ = build_examples(rows, "decomposer", packed=True, decomposer_form="iterative")
+    assert train_examples(SAMPLE[:6], "decomposer", "iterative") == packed
+    assert train_examples(SAMPLE[:6], "decomposer") == build_examples(rows, "decomposer")[0]

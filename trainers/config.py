@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from socratic.config import ConfigError, option, typed_fields
-from socratic.formats import ROLES
+from socratic.formats import DECOMPOSER_FORMS, ROLES
 
 log = logging.getLogger("trainers")
 # The parameters of DeepSpeed's schedulers that our options fill when the JSON leaves them out.
@@ -99,6 +99,13 @@ class TrainConfig:
     eval_data: str | None = option(
         None, help="annotation Parquet to evaluate on instead; its problems leave the train set"
     )
+    decontaminate: str = option(
+        "auto",
+        help="drop training problems sharing a 13-gram with the evaluation problems: auto (the "
+        "test split of the data's datasets, e.g. gsm8k/test; skipped with a warning where it "
+        "cannot be loaded), off, or a jsonl/json/csv/parquet FILE of problems with a question "
+        "field (in YAML write 'off' quoted)",
+    )
     eval_every: int | None = option(
         None, help="steps between eval losses (default: at every checkpoint and the end)"
     )
@@ -121,6 +128,15 @@ class TrainConfig:
         "example per sub-question (per-example); the same losses, packed has ~2.8x fewer tokens",
         choices=SOLVER_EXAMPLES,
     )
+    decomposer_form: str = option(
+        "all",
+        help="decomposer data: every sub-question at once (all), or one sub-question per "
+        "example given the steps answered so far, then 'Done.' (iterative: the loop asks it "
+        "before each step; packed like the solver under --solver-examples packed). Recorded "
+        "in the exported dir, so evaluation and Serve run its loop. Measured on arith: a tie "
+        "with all (pipelines/quality.py)",
+        choices=DECOMPOSER_FORMS,
+    )
     mask_calculator_results: bool = option(
         False,
         help="no loss on the tokens the calculator forces at inference (the result and '>>' "
@@ -138,6 +154,14 @@ class TrainConfig:
             raise ValueError("--zero-stage must be 2 or 3")
         if self.solver_examples not in SOLVER_EXAMPLES:
             raise ValueError(f"--solver-examples must be one of {', '.join(SOLVER_EXAMPLES)}")
+        if self.decomposer_form not in DECOMPOSER_FORMS:
+            raise ValueError(f"--decomposer-form must be one of {', '.join(DECOMPOSER_FORMS)}")
+        setting = self.decontaminate.strip()
+        if not setting:
+            raise ValueError("--decontaminate must be auto, off or a FILE; got ''")
+        if setting.lower() in ("auto", "off"):
+            setting = setting.lower()
+        object.__setattr__(self, "decontaminate", setting)  # frozen: set once, here
         unknown = set(self.role_scaling or {}) - set(ROLES)
         if unknown:
             raise ConfigError(
@@ -204,7 +228,9 @@ class TrainConfig:
             base_model=fix(self.base_model, True),
             output=fix(self.output, False),
             storage_path=fix(self.storage_path, False),
-            deepspeed=fix(self.deepspeed, False),
+            # a relative path that is not here stays relative: `read_deepspeed` then finds the
+            # copy shipped in the package (`trainers/ds_zero2.json` from any working dir)
+            deepspeed=fix(self.deepspeed, True),
         )
 
     def explicit(self, name: str) -> str | None:

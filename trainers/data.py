@@ -49,6 +49,7 @@ from socratic.formats import (
     Example,
     FormatError,
     SolverSequence,
+    decomposer_sequence,
     examples_for,
     parse_cot,
     solver_sequence,
@@ -161,13 +162,19 @@ class BuildStats:
 
 
 def build_examples(
-    rows: Iterable[Mapping[str, Any]], role: str, *, packed: bool = False
+    rows: Iterable[Mapping[str, Any]],
+    role: str,
+    *,
+    packed: bool = False,
+    decomposer_form: str = "all",
 ) -> tuple[list[Example | SolverSequence], BuildStats]:
     """Every training example the rows give `role`, and how many rows could not be formatted.
 
     With `packed`, the solver gets one `SolverSequence` per row instead of one `Example` per
     sub-question (`examples` then counts the sequences); other roles have one example per row
-    and are unchanged.
+    and are unchanged. `decomposer_form` "iterative" gives the decomposer one example per
+    sub-question plus the end one (`socratic.formats.examples_for`), with `packed` one
+    `decomposer_sequence` per row instead.
 
     Teacher samples of one problem are all kept (several decompositions of a problem is what
     `--samples` pays for). A row that cannot be formatted - no steps for a step role, an empty
@@ -186,8 +193,10 @@ def build_examples(
                 got: list[Example | SolverSequence] = [
                     solver_sequence(args["problem"], args["steps"])
                 ]
+            elif packed and role == "decomposer" and decomposer_form == "iterative":
+                got = [decomposer_sequence(args["problem"], args["steps"])]
             else:
-                got = list(examples_for(role, **args))
+                got = list(examples_for(role, **args, decomposer_form=decomposer_form))
         except FormatError as e:
             stats.skipped += 1
             stats.skip_reasons[str(e)] += 1

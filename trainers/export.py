@@ -25,7 +25,7 @@ from typing import Any
 STATE_FILE = "socratic_state.json"
 FINGERPRINT_FILE = "fingerprint.json"  # what a checkpoint was trained on (trainers.loop)
 HISTORY_FILE = "history.json"
-PROVENANCE_FILE = "provenance.json"
+PROVENANCE_FILE = "provenance.json"  # socratic.solve.PROVENANCE_FILE reads it (same name)
 CURVES_FILE = "loss_curves.png"
 
 
@@ -89,7 +89,9 @@ def provenance(
     *, role: str, config: Mapping[str, Any], deepspeed: Mapping[str, Any] | None,
     checkpoint: str, metrics: Mapping[str, Any], export: str,
 ) -> dict[str, Any]:  # fmt: skip
-    """What made an exported student, enough to rebuild it."""
+    """What made an exported student, enough to rebuild it. A decomposer also says its form
+    ("all" or "iterative"): evaluation and Serve read it (`socratic.solve.decomposer_form_of`)
+    to run the loop it was trained for."""
     import deepspeed as ds
     import torch
     import transformers
@@ -102,6 +104,7 @@ def provenance(
         ray_version = None
     return {
         "role": role,
+        "decomposer_form": config.get("decomposer_form", "all") if role == "decomposer" else None,
         "base_model": config.get("base_model"),
         "data": config.get("data"),
         "eval_data": config.get("eval_data"),

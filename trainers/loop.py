@@ -20,7 +20,7 @@ import random
 import tempfile
 import time
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,9 @@ class RoleJob:
     # other nodes), where the file's path may not resolve.
     deepspeed: dict[str, Any] | None = None
     log_dir: str | None = None  # where rank 0 writes TensorBoard events (the run's storage)
+    # Problem ids `--decontaminate` dropped: decided once on the driver (which alone loads the
+    # evaluation set), so every worker trains on the same rows without loading it again.
+    drop: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -86,9 +89,16 @@ class RoleData:
     fingerprint: dict[str, Any] = field(default_factory=dict)  # `run_fingerprint` of the run
 
 
-def split_rows(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
-    """(train rows, eval rows) by problem: `--eval-data`, else `--eval-fraction`, else none."""
-    rows = read_accepted(cfg.data_paths)
+def split_rows(
+    cfg: TrainConfig, drop: Collection[str] = (), rows: list[dict] | None = None
+) -> tuple[list[dict], list[dict]]:
+    """(train rows, eval rows) by problem: `--eval-data`, else `--eval-fraction`, else none.
+
+    The problems in `drop` (`--decontaminate`'s) leave `--data` first, so an `--eval-fraction`
+    split is drawn from what may be trained on. `rows` saves the driver a second read."""
+    rows = read_accepted(cfg.data_paths) if rows is None else rows
+    if drop:
+        rows = [r for r in rows if r["id"] not in drop]
     if cfg.eval_data:
         held = read_accepted([p.strip() for p in cfg.eval_data.split(",") if p.strip()])
         train, removed = without_problems(rows, held)
@@ -105,9 +115,10 @@ def split_rows(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
 def load_data(job: RoleJob, tokenizer: Any) -> RoleData:
     """Every worker builds the same tokenised sets, then takes its shard of each epoch."""
     cfg = job.cfg
-    train_rows, eval_rows = split_rows(cfg)
+    train_rows, eval_rows = split_rows(cfg, job.drop)
     packed = cfg.solver_examples == "packed"
-    examples, built = build_examples(train_rows, job.role, packed=packed)
+    form = cfg.decomposer_form
+    examples, built = build_examples(train_rows, job.role, packed=packed, decomposer_form=form)
     mask = cfg.mask_calculator_results
     train = tokenize_examples(examples, tokenizer, cfg.max_length, mask_calculator_results=mask)
     if not len(train):
@@ -118,7 +129,7 @@ def load_data(job: RoleJob, tokenizer: Any) -> RoleData:
     held = None
     if eval_rows:
         held = tokenize_examples(
-            build_examples(eval_rows, job.role, packed=packed)[0],
+            build_examples(eval_rows, job.role, packed=packed, decomposer_form=form)[0],
             tokenizer,
             cfg.max_length,
             mask_calculator_results=mask,
@@ -198,6 +209,7 @@ FINGERPRINT_FIELDS = {
     "data": "training data (--data; and --eval-fraction / --eval-data, which take problems out)",
     "max_length": "--max-length",
     "solver_examples": "solver form (--solver-examples)",
+    "decomposer_form": "decomposer form (--decomposer-form)",
     "mask_calculator_results": "--mask-calculator-results",
     "tokenizer": "tokenizer (--base-model)",
 }
@@ -255,14 +267,18 @@ def run_fingerprint(
     """What a checkpoint of `role` was trained on: `FINGERPRINT_FIELDS`, plus, on a worker
     (`train` given), the hash of the token sequences themselves, which also catches what the
     named fields cannot (a change in `socratic.formats` or in the tokenising code). The solver
-    form is recorded for the solver only: other roles' data does not depend on it. `data`
-    reuses a `data_fingerprint` already computed for the same rows."""
+    form is recorded for the roles whose data depends on it: the solver, and the decomposer in
+    `--decomposer-form iterative` (packed alike), which also records its form (None for "all",
+    as before the option existed, so older checkpoints still resume). `data` reuses a
+    `data_fingerprint` already computed for the same rows."""
+    iterative = role == "decomposer" and cfg.decomposer_form == "iterative"
     fp: dict[str, Any] = {
         "version": 1,
         "role": role,
         "data": data or data_fingerprint(train_rows),
         "max_length": cfg.max_length,
-        "solver_examples": cfg.solver_examples if role == "solver" else None,
+        "solver_examples": cfg.solver_examples if role == "solver" or iterative else None,
+        "decomposer_form": "iterative" if iterative else None,
         "mask_calculator_results": cfg.mask_calculator_results,
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
