@@ -40,6 +40,7 @@ STAGES = {
     "annotate": "pipelines/annotate.py",
     "train": "trainers/train.py",
     "evaluate": "pipelines/evaluate.py",
+    "run": "pipelines/experiment.py",  # annotate -> train -> evaluate from one experiment file
 }
 # Secrets the stages read from their environment: the teacher's key (annotate's --api-key-env),
 # a hub token for gated models, a tracking key. Only these names are ever passed (as metadata).

@@ -4,6 +4,7 @@
     socratic-distill train --config trainers/configs/cpu_tiny.yaml --data OUT --base-model DIR
     socratic-distill evaluate --dataset gsm8k --split test --models outputs/students ...
     socratic-distill serve --decomposer DIR --solver DIR
+    socratic-distill run experiment.yaml                  # every stage from one file, resumable
     socratic-distill SUBCOMMAND --help                    # the stage's own flags
 
 Each subcommand hands the rest of the command line to that stage's own `main(argv)`, the same
@@ -24,17 +25,17 @@ if __package__ in (None, ""):  # `python pipelines/cli.py`
 
 PROG = "socratic-distill"
 # subcommand -> (module with `main(argv) -> int`, one line for `--help`)
-COMMANDS: dict[str, tuple[str | None, str]] = {
+COMMANDS: dict[str, tuple[str, str]] = {
     "annotate": ("pipelines.annotate", "annotate a dataset with teacher (or gold) decompositions"),
     "train": ("trainers.train", "train the students on Ray Train + DeepSpeed"),
+    "student": ("trainers.scratch", "a tiny student from scratch, its vocabulary from annotations"),
     "evaluate": ("pipelines.evaluate", "score trained students on a test split; merge tables"),
     "serve": ("serve.app", "serve a decomposer + solver pair on Ray Serve (HTTP + playground)"),
     "demo": ("pipelines.demo", "every stage once, on one machine, offline"),
     "teacher": ("serve.local_teacher", "serve a Hugging Face LM as an OpenAI-compatible teacher"),
     "fake-teacher": ("serve.fake_teacher", "a stand-in teacher answering from a dataset's gold"),
-    "run": (None, "the whole pipeline from one config (not implemented yet)"),
+    "run": ("pipelines.experiment", "annotate -> train -> evaluate (-> serve) from one YAML"),
 }
-NOT_IMPLEMENTED = {"run": "not implemented yet: see issue #23 item 4"}
 
 
 def usage() -> str:
@@ -69,11 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"{usage()}\n\n{PROG}: error: unknown subcommand {name!r}", file=sys.stderr)
         return 2
-    module = COMMANDS[name][0]
-    if module is None:
-        print(f"{PROG} {name}: {NOT_IMPLEMENTED[name]}", file=sys.stderr)
-        return 2
-    stage_main = importlib.import_module(module).main
+    stage_main = importlib.import_module(COMMANDS[name][0]).main
     # argparse names the program after sys.argv[0]: make the stage's usage and errors read
     # `socratic-distill annotate ...`, the command the user typed.
     saved = sys.argv

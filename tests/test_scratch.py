@@ -48,3 +48,25 @@ def test_a_scratch_student_trains_and_decodes(tmp_path: Path, arch: str) -> None
 def test_an_unknown_architecture_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="arch must be one of gpt2, llama"):
         build_student(tmp_path, ["a b c"], arch="mamba")
+
+
+def test_the_student_command_builds_from_annotations_and_names_bad_input(tmp_path, capsys) -> None:
+    """`socratic-distill student`: a model whose vocabulary covers every role's text of the
+    annotations, and a clear error for a folder with none."""
+    from socratic.adapters import DatasetSpec, load_problems
+    from tests.support.annotations import write_gold_annotations
+    from trainers.scratch import annotation_texts, main
+
+    problems = list(load_problems(DatasetSpec("sample", split="train")))[:6]
+    ann = write_gold_annotations(problems, tmp_path / "ann")
+    assert main(["--data", str(ann), "--output", str(tmp_path / "base")]) == 0
+    tok = AutoTokenizer.from_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    assert model.config.model_type == "llama"
+    for text in annotation_texts(str(ann)):
+        assert tok.unk_token_id not in tok(text)["input_ids"]
+        assert tok.decode(tok(text)["input_ids"]) == text
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        main(["--data", str(tmp_path / "empty"), "--output", str(tmp_path / "x")])
+    assert "empty" in capsys.readouterr().err

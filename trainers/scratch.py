@@ -132,3 +132,50 @@ def sample_texts() -> list[str]:
             ):
                 texts.append(ex.prompt + ex.target)
     return texts
+
+
+def annotation_texts(data: str) -> list[str]:
+    """Every role's prompt + target for the accepted rows of annotation Parquet (`data`, as
+    `trainers/train.py --data` takes it): the vocabulary a student trained on them will see."""
+    from socratic.formats import ROLES
+    from trainers.data import build_examples, read_accepted
+
+    rows = read_accepted(data)
+    texts = []
+    for role in ROLES:
+        examples, _ = build_examples(rows, role)
+        texts += [ex.prompt + ex.target for ex in examples]
+    if not texts:
+        raise ValueError(f"{data}: no accepted rows to build a vocabulary from")
+    return texts
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`socratic-distill student --data ANN --output DIR`: a student to train when no pretrained
+    one fits (offline, or a vocabulary of your own), from the annotations it will train on."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="socratic-distill student", description=main.__doc__)
+    ap.add_argument("--data", required=True, help="annotation Parquet (dirs or files, a,b)")
+    ap.add_argument("--output", required=True, help="the HF model dir to write")
+    ap.add_argument("--arch", default="llama", choices=ARCHS)
+    ap.add_argument("--n-layer", type=int, default=3)
+    ap.add_argument("--n-embd", type=int, default=128)
+    ap.add_argument("--n-positions", type=int, default=512)
+    ap.add_argument("--vocab-size", type=int, default=4000)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    try:
+        texts = annotation_texts(args.data)
+    except (OSError, ValueError) as e:
+        ap.error(str(e))
+    out = build_student(
+        args.output, texts, n_layer=args.n_layer, n_embd=args.n_embd,
+        n_positions=args.n_positions, seed=args.seed, arch=args.arch, vocab_size=args.vocab_size,
+    )  # fmt: skip
+    print(f"student ({args.arch}, {args.n_layer} x {args.n_embd}) from {len(texts)} texts -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
