@@ -89,6 +89,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -478,6 +479,14 @@ def train_all(cfg: QualityConfig, data: str, base: str, plan: dict[str, dict]) -
     from trainers.config import TRAINERS_DIR, TrainConfig
 
     micro = max(1, cfg.batch_size // cfg.workers)
+    # Every run trains from the start: the study measures a recipe, and a checkpoint left in the
+    # same --output by an earlier run (another problem count, budget or recipe) would otherwise
+    # be resumed. Measured: a rerun resumed 5 roles mid-schedule from a run whose checkpoints
+    # predated the fingerprint check, and every method lost 17-42 points.
+    stale = cfg.out / "ray_results"
+    if stale.exists():
+        say(f"  removing the checkpoints of an earlier run: {stale}")
+        shutil.rmtree(stale)
     common = TrainConfig(
         data=data, base_model=base, roles="decomposer", output=str(cfg.out / "students"),
         storage_path=str(cfg.out / "ray_results"), run_name=f"quality-s{cfg.seed}",
