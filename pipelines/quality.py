@@ -112,7 +112,7 @@ from socratic.adapters import (  # noqa: E402
     load_problems,
 )
 from socratic.config import option, parse_config  # noqa: E402
-from socratic.formats import Example, examples_for  # noqa: E402
+from socratic.formats import examples_for, training_examples  # noqa: E402
 from socratic.stats import mean_spread, wilson_interval  # noqa: E402
 from trainers.data import tokenize  # noqa: E402
 
@@ -405,13 +405,13 @@ def train_examples(problems: Sequence[Any], role: str, decomposer_form: str = "a
 
     Why not `role_texts`: planning the solver's steps on its per-example form counted ~1.7x the
     tokens a packed step really holds, so its budget share and step count were wrong."""
-    from socratic.formats import decomposer_sequence, solver_sequence
-
-    if role == "solver":
-        return [solver_sequence(p.question, p.steps) for p in problems if p.steps]
-    if role == "decomposer" and decomposer_form == "iterative":
-        return [decomposer_sequence(p.question, p.steps) for p in problems if p.steps]
-    return [Example(p, t) for p, t in role_texts(problems, role)]
+    return [
+        ex for p in problems if p.steps
+        for ex in training_examples(
+            role, problem=p.question, steps=p.steps, solution=p.solution, answer=p.answer,
+            decomposer_form=decomposer_form, packed=True,
+        )
+    ]  # fmt: skip
 
 
 # --- stages ----------------------------------------------------------------------------------

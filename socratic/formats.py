@@ -299,6 +299,33 @@ def examples_for(
     raise FormatError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
 
 
+def training_examples(
+    role: str,
+    *,
+    problem: str,
+    steps: Sequence[Step] = (),
+    solution: str | None = None,
+    answer: str | None = None,
+    decomposer_form: str = "all",
+    packed: bool = False,
+) -> list[Example | SolverSequence]:
+    """What one annotated problem gives a role to train on: with `packed`, the roles whose
+    examples share a prefix (the solver, the iterative decomposer) get one packed sequence
+    instead of one example per step; everything else is `examples_for`. The one place that
+    rule lives, for the trainer (`trainers.data.build_examples`) and the budget planner of
+    `pipelines/quality.py` alike."""
+    if packed and role == "solver":
+        return [solver_sequence(problem, steps)]
+    if packed and role == "decomposer" and decomposer_form == "iterative":
+        return [decomposer_sequence(problem, steps)]
+    return list(
+        examples_for(
+            role, problem=problem, steps=steps, solution=solution, answer=answer,
+            decomposer_form=decomposer_form,
+        )
+    )  # fmt: skip
+
+
 def _require(answer: str | None) -> str:
     if answer is None:
         raise FormatError("final answer is missing")

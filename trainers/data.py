@@ -49,10 +49,8 @@ from socratic.formats import (
     Example,
     FormatError,
     SolverSequence,
-    decomposer_sequence,
-    examples_for,
     parse_cot,
-    solver_sequence,
+    training_examples,
 )
 from socratic.generate import bound_prompt, token_line_ends
 from socratic.records import (
@@ -189,14 +187,7 @@ def build_examples(
         stats.rows += 1
         try:
             args = _format_args(row, role)
-            if packed and role == "solver":
-                got: list[Example | SolverSequence] = [
-                    solver_sequence(args["problem"], args["steps"])
-                ]
-            elif packed and role == "decomposer" and decomposer_form == "iterative":
-                got = [decomposer_sequence(args["problem"], args["steps"])]
-            else:
-                got = list(examples_for(role, **args, decomposer_form=decomposer_form))
+            got = training_examples(role, **args, decomposer_form=decomposer_form, packed=packed)
         except FormatError as e:
             stats.skipped += 1
             stats.skip_reasons[str(e)] += 1
