@@ -749,19 +749,27 @@ def _custom_answer(
     return letter
 
 
+def _structured(f: _Fields, name: str) -> Any:
+    """A list / mapping field as it is, or its JSON text decoded (how a CSV cell holds one); any
+    other text stripped, for the caller's own plain-text form."""
+    value = f.get(name, (list, tuple, dict, str))
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text[:1] not in "[{":
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise f.error(name, f"not JSON: {e}") from e
+
+
 def _custom_choices(f: _Fields, name: str) -> tuple[list[str] | None, list[str]]:
     """(labels or None, option texts) of a choices field: a list, a `{label, text}` mapping (the
     hub's usual shape), JSON text of either, or 'a | b | c'."""
-    value = f.get(name, (list, tuple, dict, str))
+    value = _structured(f, name)
     if isinstance(value, str):
-        text = value.strip()
-        if text[:1] in "[{":
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise f.error(name, f"not JSON: {e}") from e
-        else:
-            value = [part.strip() for part in text.split("|")]
+        value = [part.strip() for part in value.split("|")]
     labels = None
     if isinstance(value, dict):
         if not isinstance(value.get("text"), list | tuple):
@@ -785,19 +793,12 @@ def _custom_steps(f: _Fields, name: str) -> tuple[Step, ...]:
     """Gold steps: a list of `{question, answer}` or `[question, answer]`, a `{question: [...],
     answer: [...]}` mapping (how the hub stores a list of pairs), JSON text of those, or lines
     'sub-question ** answer' (GSM8K Socratic's)."""
-    value = f.get(name, (list, tuple, dict, str))
+    value = _structured(f, name)
     if isinstance(value, str):
-        text = value.strip()
-        if text[:1] in "[{":
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise f.error(name, f"not JSON: {e}") from e
-        else:
-            value = [line.partition("**")[::2] for line in text.splitlines() if line.strip()]
-            if any(not q.strip() or not a.strip() for q, a in value):
-                bad = next(k for k, (q, a) in enumerate(value, 1) if not q.strip() or not a.strip())
-                raise f.error(name, f"step {bad} is not 'sub-question ** answer'")
+        value = [line.partition("**")[::2] for line in value.splitlines() if line.strip()]
+        if any(not q.strip() or not a.strip() for q, a in value):
+            bad = next(k for k, (q, a) in enumerate(value, 1) if not q.strip() or not a.strip())
+            raise f.error(name, f"step {bad} is not 'sub-question ** answer'")
     if isinstance(value, dict):
         qs, answers = value.get("question"), value.get("answer")
         if not isinstance(qs, list | tuple) or not isinstance(answers, list | tuple):
