@@ -198,6 +198,12 @@ class QualityConfig(DatasetOptions):
     mask_calculator_results: bool = option(
         True, help="no loss on the calculator's results (forced at inference), every method"
     )
+    train_positions: str = option(
+        "contiguous", choices=("contiguous", "random-gaps", "stretch"),
+        help="position ids in training, every method (trainers.data.train_position_ids): the "
+        "model's own, or drawn past each row's length so longer problems' distances are trained",
+    )
+    position_factor: float = option(2.0, help="--train-positions: how far past a row's length")
     max_length: int = option(512, help="max tokens per training example")
     workers: int = option(1, help="Ray Train workers per role")
     concurrent: int = option(2, help="roles training at the same time")
@@ -495,7 +501,8 @@ def train_all(cfg: QualityConfig, data: str, base: str, plan: dict[str, dict]) -
         warmup_steps=cfg.warmup_steps, grad_clip=1.0, seed=cfg.seed, log_every=25,
         num_workers=cfg.workers, use_gpu=cfg.use_gpu, cpus_per_worker=1.0,
         mask_calculator_results=cfg.mask_calculator_results,
-        decomposer_form=cfg.decomposer_form,
+        decomposer_form=cfg.decomposer_form, train_positions=cfg.train_positions,
+        position_factor=cfg.position_factor,
     )  # fmt: skip
     by_key = {e.key: e for e in entries(cfg)}
 
@@ -971,6 +978,8 @@ SWEEP: dict[str, Any] = {
     "8000 training problems": lambda c: {"dataset_config": with_arith(c, n_train=8000)},
     "decomposer one question at a time (form flipped: all <-> iterative)": lambda c: {
         "decomposer_form": "all" if c.decomposer_form == "iterative" else "iterative"},
+    "training positions: random gaps": lambda c: {"train_positions": "random-gaps"},
+    "training positions: stretched": lambda c: {"train_positions": "stretch"},
 }  # fmt: skip
 
 

@@ -41,6 +41,8 @@ def _cfg(tmp: Path, data: Path, model: Path, **kw) -> TrainConfig:
         max_length=256, micro_batch_size=4, lr=3e-3, warmup_steps=2, max_steps=8,
         checkpoint_every=4, log_every=2, eval_every=2, eval_fraction=0.25, num_workers=2,
         max_failures=0, export="best",
+        # Drawn position ids, so the resume test also shows they are replayed exactly.
+        train_positions="random-gaps",
     )  # fmt: skip
     return TrainConfig(**{**base, **kw})
 

@@ -17,6 +17,7 @@ from socratic.formats import Example, examples_for
 from socratic.records import ACCEPTED, REJECTED, Step, annotation_row, annotation_table
 from trainers.data import (
     IGNORE_INDEX,
+    absolute_positions,
     batches,
     build_examples,
     collate,
@@ -24,6 +25,7 @@ from trainers.data import (
     read_accepted,
     shard,
     tokenize,
+    train_position_ids,
 )
 
 SAMPLE = list(load_problems(DatasetSpec("sample", split="all")))
@@ -448,3 +450,57 @@ def test_the_quality_study_plans_the_iterative_decomposer_on_what_the_trainer_tr
     packed, _ = build_examples(rows, "decomposer", packed=True, decomposer_form="iterative")
     assert train_examples(SAMPLE[:6], "decomposer", "iterative") == packed
     assert train_examples(SAMPLE[:6], "decomposer") == build_examples(rows, "decomposer")[0]
+
+
+def _mask(*lengths: int) -> torch.Tensor:
+    width = max(lengths)
+    return torch.tensor([[1] * n + [0] * (width - n) for n in lengths])
+
+
+def test_contiguous_training_positions_leave_the_model_its_own() -> None:
+    assert train_position_ids(_mask(5, 3), "contiguous", 2.0) is None
+
+
+@pytest.mark.parametrize("how", ["random-gaps", "stretch"])
+def test_drawn_positions_increase_stay_in_range_and_reach_past_the_row(how: str) -> None:
+    torch.manual_seed(0)
+    lengths = (40, 17, 1)
+    reach, gaps_of_one = 0, 0
+    for _ in range(50):
+        pos = train_position_ids(_mask(*lengths), how, 2.0)
+        assert pos is not None and pos.dtype == torch.long and pos.shape == (3, 40)
+        for row, n in enumerate(lengths):
+            p = pos[row]
+            assert bool((p[1:] > p[:-1]).all()), p  # increasing, padding included
+            assert int(p[:n].max()) < max(n, int(2.0 * n)), (how, p)
+            reach = max(reach, int(p[n - 1] - p[0]) - (n - 1))
+            gaps_of_one += int((p[1:n] - p[: n - 1] == 1).sum())
+    assert reach > 10  # distances longer than the row itself are trained
+    assert gaps_of_one > 0  # and so are the contiguous neighbours inference uses
+
+
+def test_drawn_positions_stay_under_an_absolute_position_table() -> None:
+    from transformers import GPT2Config, LlamaConfig
+
+    limit = absolute_positions(GPT2Config(n_positions=48))
+    assert limit == 48 and absolute_positions(LlamaConfig()) is None
+    torch.manual_seed(1)
+    for how in ("random-gaps", "stretch"):
+        for _ in range(20):
+            pos = train_position_ids(_mask(40, 30), how, 3.0, limit)
+            assert int(pos.max()) < 48, how
+    with pytest.raises(ValueError, match="exceeds the model's 48 positions"):
+        train_position_ids(_mask(60), "random-gaps", 2.0, limit)
+
+
+def test_bad_position_settings_are_refused_by_name() -> None:
+    from trainers.config import TrainConfig
+
+    with pytest.raises(ValueError, match="random-gaps"):
+        train_position_ids(_mask(4), "shuffled", 2.0)
+    with pytest.raises(ValueError, match=">= 1"):
+        train_position_ids(_mask(4), "stretch", 0.5)
+    with pytest.raises(ValueError, match="--position-factor"):
+        TrainConfig(data="d", base_model="m", position_factor=0.9)
+    with pytest.raises(ValueError, match="--train-positions"):
+        TrainConfig(data="d", base_model="m", train_positions="shuffled")

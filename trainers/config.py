@@ -33,6 +33,7 @@ _SCHEDULER_KEYS = {
     "WarmupCosineLR": ("total_num_steps", "warmup_num_steps", "warmup_type"),
 }  # fmt: skip
 SOLVER_EXAMPLES = ("packed", "per-example")
+TRAIN_POSITIONS = ("contiguous", "random-gaps", "stretch")  # trainers.data.train_position_ids
 
 TRAINERS_DIR = Path(__file__).resolve().parent
 
@@ -142,6 +143,18 @@ class TrainConfig:
         help="no loss on the tokens the calculator forces at inference (the result and '>>' "
         "after '<<expr='): the student never writes them, and predicting them is arithmetic",
     )
+    train_positions: str = option(
+        "contiguous",
+        help="position ids in training: the model's own (contiguous), or drawn so that longer "
+        "sequences' distances are trained too (random-gaps: a sorted random subset of [0, "
+        "factor x length); stretch: i x s, s in [1, factor]). Inference keeps contiguous ones. "
+        "See trainers.data.train_position_ids",
+        choices=TRAIN_POSITIONS,
+    )
+    position_factor: float = option(
+        2.0, help="--train-positions random-gaps / stretch: how far past a row's length its "
+        "positions may reach (>= 1)"
+    )
     explicit_options: dict[str, str] | None = option(
         None, help="filled by parse_config: option -> 'flag' or the YAML path", cli=False
     )
@@ -156,6 +169,11 @@ class TrainConfig:
             raise ValueError(f"--solver-examples must be one of {', '.join(SOLVER_EXAMPLES)}")
         if self.decomposer_form not in DECOMPOSER_FORMS:
             raise ValueError(f"--decomposer-form must be one of {', '.join(DECOMPOSER_FORMS)}")
+        if self.train_positions not in TRAIN_POSITIONS:
+            raise ValueError(f"--train-positions must be one of {', '.join(TRAIN_POSITIONS)}; "
+                             f"got {self.train_positions!r}")
+        if self.position_factor < 1.0:
+            raise ValueError(f"--position-factor must be >= 1, got {self.position_factor}")
         setting = self.decontaminate.strip()
         if not setting:
             raise ValueError("--decontaminate must be auto, off or a FILE; got ''")

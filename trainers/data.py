@@ -59,6 +59,7 @@ from socratic.records import (
     conform_annotations,
     steps_from,
 )
+from trainers.config import TRAIN_POSITIONS
 
 IGNORE_INDEX = -100  # the label torch's cross-entropy (and every HF causal LM) skips
 MEGA_BATCH_FACTOR = 50  # batches per length-sorted window, as in HF's LengthGroupedSampler
@@ -622,3 +623,60 @@ def collate(
         labels[row, : len(labs)] = torch.tensor(labs, dtype=torch.long)
         mask[row, : len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+
+def train_position_ids(
+    attention_mask: torch.Tensor, how: str, factor: float, limit: int | None = None
+) -> torch.Tensor | None:
+    """Position ids for one right-padded training batch, drawn so that a student meets the
+    distances of sequences longer than any it trains on (None: the model's own 0, 1, 2, ...).
+
+    Why: the from-scratch students answer the first step of a 5-6 operation `arith` problem
+    right 51 % of the time, and 100 % when the same problem is cut to two sentences (the solver
+    of the seed-0 default run): they fail on token distances they never saw, not on content.
+    Scaling positions at inference alone (position interpolation) falls to 3-7 %. So the
+    distances are varied in training (Ruoss et al. 2023, "Randomized positional encodings"),
+    while inference keeps the plain positions, which stay within what was trained:
+    - "random-gaps": each row's positions are a sorted random subset of
+      [0, factor x its length), so gaps of 1 (the inference case) stay common;
+    - "stretch": each row's positions are i x s, s uniform in [1, factor], rounded down.
+    `limit` (the model's position table, for absolute-position models) caps the range.
+    """
+    if how == "contiguous":
+        return None
+    if how not in TRAIN_POSITIONS:
+        raise ValueError(f"train positions: one of {', '.join(TRAIN_POSITIONS)}, not {how!r}")
+    if factor < 1.0:
+        raise ValueError(f"the position factor must be >= 1, not {factor}")
+    rows, width = attention_mask.shape
+    out = torch.zeros((rows, width), dtype=torch.long)
+    for r in range(rows):
+        n = int(attention_mask[r].sum())
+        if n == 0:
+            continue
+        span = max(n, int(factor * n))
+        if limit is not None:
+            if n > limit:
+                raise ValueError(f"a sequence of {n} tokens exceeds the model's {limit} positions")
+            span = min(span, limit)
+        if how == "random-gaps":
+            pos = torch.randperm(span)[:n].sort().values
+        else:
+            top = (span - 1) / max(n - 1, 1)  # the largest stretch that stays in range
+            s = 1.0 + (min(factor, top) - 1.0) * float(torch.rand(()))
+            pos = torch.floor(torch.arange(n, dtype=torch.float64) * s).long()
+        out[r, :n] = pos
+        # Right padding continues the row, so positions stay increasing (what packed-sequence
+        # detection in some attention kernels reads); padding carries no loss either way.
+        pads = pos[-1] + 1 + torch.arange(width - n)
+        out[r, n:] = pads if limit is None else pads.clamp(max=limit - 1)
+    return out
+
+
+def absolute_positions(config: Any) -> int | None:
+    """The size of a model's learned position table (GPT-2 and kin), which drawn position ids
+    must stay under; None for rotary models (Llama, SmolLM2), which take any position."""
+    if getattr(config, "rope_theta", None) is not None or getattr(config, "rope_parameters", None):
+        return None
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)

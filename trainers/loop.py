@@ -28,12 +28,14 @@ from typing import Any
 from trainers.config import TrainConfig
 from trainers.data import (
     TokenizedSet,
+    absolute_positions,
     batches,
     build_examples,
     collate,
     padding_fraction,
     read_accepted,
     shard,
+    train_position_ids,
 )
 from trainers.data import tokenize as tokenize_examples
 from trainers.export import FINGERPRINT_FILE, HISTORY_FILE, STATE_FILE
@@ -666,6 +668,7 @@ def train_worker(config: dict[str, Any]) -> None:
         )  # fmt: skip
 
     micro = micro_batches(data.train.lengths, cfg, rank, world, skip=state.step * cfg.grad_accum)
+    positions_limit = absolute_positions(engine.module.config)
     meter, epoch, last = Meter(), 0, state.step >= total_steps
     t_start = time.perf_counter()
     while not last:
@@ -673,7 +676,12 @@ def train_worker(config: dict[str, Any]) -> None:
         group = []
         for _ in range(cfg.grad_accum):
             epoch, idx = next(micro)
-            group.append(collate([data.train[i] for i in idx], tokenizer.pad_token_id))
+            batch = collate([data.train[i] for i in idx], tokenizer.pad_token_id)
+            drawn = train_position_ids(batch["attention_mask"], cfg.train_positions,
+                                       cfg.position_factor, positions_limit)  # fmt: skip
+            if drawn is not None:
+                batch["position_ids"] = drawn
+            group.append(batch)
         meter.add(train_step(engine, group, device))
         state.step += 1
         last = state.step >= total_steps
