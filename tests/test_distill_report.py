@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from pipelines.quality import (
     QualityConfig,
     entries,
@@ -86,6 +88,23 @@ def test_a_sweep_lever_that_sets_the_recipe_s_own_value_is_the_same_run() -> Non
     cfg = QualityConfig()  # trains on 8 000 problems by default
     for name, same in (("8000 training problems", True), ("2000 training problems", False),
                        ("500 training problems", False), ("recipe", True),
-                       ("deeper, same parameters (6 x 96)", False)):  # fmt: skip
+                       ("deeper, same parameters (6 x 96)", False),
+                       ("training positions: the model's own (contiguous)", False),
+                       ("training positions: stretched on every row", False)):  # fmt: skip
         assert same_run(replace(cfg, **SWEEP[name](cfg)), cfg) is same, name
     assert same_run(replace(cfg, dataset_config="n_train=8000,n_train=8000"), cfg)
+    # auto positions are compared as what they run: stretched from scratch, plain otherwise
+    assert same_run(replace(cfg, train_positions="stretch"), cfg)
+    pretrained = replace(cfg, base_model="some/model")
+    assert same_run(replace(pretrained, train_positions="contiguous"), pretrained)
+    assert not same_run(replace(pretrained, train_positions="stretch"), pretrained)
+
+
+def test_training_positions_resolve_by_student_and_bad_values_are_refused() -> None:
+    assert QualityConfig().positions == "stretch"  # students from scratch
+    assert QualityConfig(base_model="some/model").positions == "contiguous"  # pretrained
+    assert QualityConfig(train_positions="random-gaps").positions == "random-gaps"
+    with pytest.raises(ValueError, match="--position-factor"):
+        QualityConfig(position_factor=0.5)
+    with pytest.raises(ValueError, match="--position-share"):
+        QualityConfig(position_share=2.0)

@@ -504,3 +504,19 @@ def test_bad_position_settings_are_refused_by_name() -> None:
         TrainConfig(data="d", base_model="m", position_factor=0.9)
     with pytest.raises(ValueError, match="--train-positions"):
         TrainConfig(data="d", base_model="m", train_positions="shuffled")
+
+
+def test_a_share_of_rows_keeps_the_plain_positions() -> None:
+    torch.manual_seed(2)
+    plain = drawn = 0
+    for _ in range(40):
+        pos = train_position_ids(_mask(12, 12, 12, 12), "stretch", 3.0, share=0.5)
+        for row in pos:
+            if torch.equal(row, torch.arange(12)):
+                plain += 1
+            else:
+                drawn += 1
+    assert plain > 40 and drawn > 40  # about half each (160 rows; a stretch of ~1 is rare)
+    assert train_position_ids(_mask(12), "stretch", 3.0, share=0.0).equal(torch.arange(12)[None])
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        train_position_ids(_mask(4), "stretch", 2.0, share=1.5)

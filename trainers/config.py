@@ -155,6 +155,10 @@ class TrainConfig:
         2.0, help="--train-positions random-gaps / stretch: how far past a row's length its "
         "positions may reach (>= 1)"
     )
+    position_share: float = option(
+        1.0, help="--train-positions: the share of training rows that get drawn positions (the "
+        "rest keep the model's own)"
+    )
     explicit_options: dict[str, str] | None = option(
         None, help="filled by parse_config: option -> 'flag' or the YAML path", cli=False
     )
@@ -172,6 +176,8 @@ class TrainConfig:
         if self.train_positions not in TRAIN_POSITIONS:
             raise ValueError(f"--train-positions must be one of {', '.join(TRAIN_POSITIONS)}; "
                              f"got {self.train_positions!r}")
+        if not 0.0 <= self.position_share <= 1.0:
+            raise ValueError(f"--position-share must be in [0, 1], got {self.position_share}")
         if self.position_factor < 1.0:
             raise ValueError(f"--position-factor must be >= 1, got {self.position_factor}")
         setting = self.decontaminate.strip()

@@ -627,7 +627,11 @@ def collate(
 
 
 def train_position_ids(
-    attention_mask: torch.Tensor, how: str, factor: float, limit: int | None = None
+    attention_mask: torch.Tensor,
+    how: str,
+    factor: float,
+    limit: int | None = None,
+    share: float = 1.0,
 ) -> torch.Tensor | None:
     """Position ids for one right-padded training batch, drawn so that a student meets the
     distances of sequences longer than any it trains on (None: the model's own 0, 1, 2, ...).
@@ -641,7 +645,8 @@ def train_position_ids(
     - "random-gaps": each row's positions are a sorted random subset of
       [0, factor x its length), so gaps of 1 (the inference case) stay common;
     - "stretch": each row's positions are i x s, s uniform in [1, factor], rounded down.
-    `limit` (the model's position table, for absolute-position models) caps the range.
+    `share` of the rows (each drawn with that chance) get such positions, the rest the plain
+    ones. `limit` (the model's position table, for absolute-position models) caps the range.
     """
     if how == "contiguous":
         return None
@@ -649,6 +654,8 @@ def train_position_ids(
         raise ValueError(f"train positions: one of {', '.join(TRAIN_POSITIONS)}, not {how!r}")
     if factor < 1.0:
         raise ValueError(f"the position factor must be >= 1, not {factor}")
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"the share of rows with drawn positions must be in [0, 1], not {share}")
     rows, width = attention_mask.shape
     out = torch.zeros((rows, width), dtype=torch.long)
     for r in range(rows):
@@ -660,7 +667,9 @@ def train_position_ids(
             if n > limit:
                 raise ValueError(f"a sequence of {n} tokens exceeds the model's {limit} positions")
             span = min(span, limit)
-        if how == "random-gaps":
+        if share < 1.0 and float(torch.rand(())) >= share:
+            pos = torch.arange(n)
+        elif how == "random-gaps":
             pos = torch.randperm(span)[:n].sort().values
         else:
             top = (span - 1) / max(n - 1, 1)  # the largest stretch that stays in range

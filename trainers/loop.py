@@ -678,7 +678,8 @@ def train_worker(config: dict[str, Any]) -> None:
             epoch, idx = next(micro)
             batch = collate([data.train[i] for i in idx], tokenizer.pad_token_id)
             drawn = train_position_ids(batch["attention_mask"], cfg.train_positions,
-                                       cfg.position_factor, positions_limit)  # fmt: skip
+                                       cfg.position_factor, positions_limit,
+                                       cfg.position_share)  # fmt: skip
             if drawn is not None:
                 batch["position_ids"] = drawn
             group.append(batch)
