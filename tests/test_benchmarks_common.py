@@ -40,3 +40,17 @@ def test_a_child_that_exits_is_counted_once() -> None:
     assert 0.4 <= cpu["child"] <= 1.3, cpu  # + interpreter start-up
     assert cpu["driver"] < 0.4, cpu  # the parent's cutime would have added the child's 0.6 s
     assert cpu["machine all"] > 0
+
+
+def test_the_position_probe_cuts_a_longer_problem_to_what_step_one_needs() -> None:
+    from benchmarks.position_probe import cut_problem
+    from socratic import arith
+
+    cfg = arith.ArithConfig.parse(None)
+    p = next(iter(arith.generate(cfg, 0, "long")))
+    cut = cut_problem(p.question)
+    assert cut == (
+        "Mia has 18 shells. Mia packs the shells into 1 bag of 7 and keeps the rest. "
+        "How many shells does Mia have after buying more?"
+    )
+    assert len(p.steps) >= 5 and "18-1*7" in p.steps[0].answer  # step 1 reads only those
