@@ -138,6 +138,7 @@ from socratic.adapters import (  # noqa: E402
 from socratic.config import option, parse_config  # noqa: E402
 from socratic.formats import examples_for, training_examples  # noqa: E402
 from socratic.stats import mean_spread, wilson_interval  # noqa: E402
+from trainers.config import TRAIN_POSITIONS  # noqa: E402
 from trainers.data import tokenize  # noqa: E402
 
 log = logging.getLogger("distill_quality")  # the benchmark's name, as in its logs
@@ -222,7 +223,7 @@ class QualityConfig(DatasetOptions):
         True, help="no loss on the calculator's results (forced at inference), every method"
     )
     train_positions: str = option(
-        "auto", choices=("auto", "contiguous", "random-gaps", "stretch"),
+        "auto", choices=("auto", *TRAIN_POSITIONS),
         help="position ids in training, every method (trainers.data.train_position_ids): the "
         "model's own (contiguous) or drawn past each row's length, so that longer problems' "
         "distances are trained (stretch, random-gaps); auto: stretch for students from "
