@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -39,9 +41,9 @@ def cut_problem(question: str) -> str:
     return " ".join(sentences[:2] + sentences[-1:])
 
 
-def scaled_rotary(model: Any, scale: float) -> Any:
-    """Multiply the position ids the model's rotary embedding sees by `scale` (None: restore).
-    Returns the original forward, so the caller can put it back."""
+@contextmanager
+def scaled_rotary(model: Any, scale: float) -> Iterator[None]:
+    """Inside the block, the model's rotary embedding sees its position ids times `scale`."""
     rotary = model.model.rotary_emb
     original = rotary.forward
 
@@ -49,7 +51,10 @@ def scaled_rotary(model: Any, scale: float) -> Any:
         return original(x, position_ids.float() * scale, *args, **kw)
 
     rotary.forward = forward
-    return original
+    try:
+        yield
+    finally:
+        rotary.forward = original
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,11 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     figures["cut"] = score([cut_problem(q) for q in whole])
     figures["scaled"] = {}
     for scale in (float(x) for x in args.scales.split(",") if x.strip()):
-        original = scaled_rotary(solver.model, scale)
-        try:
+        with scaled_rotary(solver.model, scale):
             figures["scaled"][str(scale)] = score(whole)
-        finally:
-            solver.model.model.rotary_emb.forward = original
 
     def line(name: str, r: dict[str, Any]) -> str:
         lo, hi = r["ci95"]

@@ -138,7 +138,7 @@ from socratic.adapters import (  # noqa: E402
 from socratic.config import option, parse_config  # noqa: E402
 from socratic.formats import examples_for, training_examples  # noqa: E402
 from socratic.stats import mean_spread, wilson_interval  # noqa: E402
-from trainers.config import TRAIN_POSITIONS  # noqa: E402
+from trainers.config import TRAIN_POSITIONS, check_positions  # noqa: E402
 from trainers.data import tokenize  # noqa: E402
 
 log = logging.getLogger("distill_quality")  # the benchmark's name, as in its logs
@@ -250,9 +250,7 @@ class QualityConfig(DatasetOptions):
     ray_log: str | None = option(None, help="Ray's own log lines go here (default: OUTPUT/ray.log)")
 
     def __post_init__(self) -> None:
-        if self.position_factor < 1.0 or not 0.0 <= self.position_share <= 1.0:
-            raise ValueError(f"--position-factor must be >= 1 (got {self.position_factor}) and "
-                             f"--position-share in [0, 1] (got {self.position_share})")
+        check_positions(self.positions, self.position_factor, self.position_share)
         if self.dataset != "custom":
             if self.path:
                 raise ValueError("--path is for --dataset custom (gsm8k reads the shared data)")

@@ -38,6 +38,18 @@ TRAIN_POSITIONS = ("contiguous", "random-gaps", "stretch")  # trainers.data.trai
 TRAINERS_DIR = Path(__file__).resolve().parent
 
 
+def check_positions(how: str, factor: float, share: float) -> None:
+    """The one check of the training-position settings: the trainer's config, the quality
+    study's and `trainers.data.train_position_ids` all call it."""
+    if how not in TRAIN_POSITIONS:
+        raise ValueError(f"--train-positions must be one of {', '.join(TRAIN_POSITIONS)}; "
+                         f"got {how!r}")
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"--position-share must be in [0, 1], got {share}")
+    if factor < 1.0:
+        raise ValueError(f"--position-factor must be >= 1, got {factor}")
+
+
 @dataclass(frozen=True)
 class Scaling:
     """How many Ray Train workers a role gets, and what each one holds."""
@@ -173,13 +185,7 @@ class TrainConfig:
             raise ValueError(f"--solver-examples must be one of {', '.join(SOLVER_EXAMPLES)}")
         if self.decomposer_form not in DECOMPOSER_FORMS:
             raise ValueError(f"--decomposer-form must be one of {', '.join(DECOMPOSER_FORMS)}")
-        if self.train_positions not in TRAIN_POSITIONS:
-            raise ValueError(f"--train-positions must be one of {', '.join(TRAIN_POSITIONS)}; "
-                             f"got {self.train_positions!r}")
-        if not 0.0 <= self.position_share <= 1.0:
-            raise ValueError(f"--position-share must be in [0, 1], got {self.position_share}")
-        if self.position_factor < 1.0:
-            raise ValueError(f"--position-factor must be >= 1, got {self.position_factor}")
+        check_positions(self.train_positions, self.position_factor, self.position_share)
         setting = self.decontaminate.strip()
         if not setting:
             raise ValueError("--decontaminate must be auto, off or a FILE; got ''")

@@ -59,7 +59,7 @@ from socratic.records import (
     conform_annotations,
     steps_from,
 )
-from trainers.config import TRAIN_POSITIONS
+from trainers.config import check_positions
 
 IGNORE_INDEX = -100  # the label torch's cross-entropy (and every HF causal LM) skips
 MEGA_BATCH_FACTOR = 50  # batches per length-sorted window, as in HF's LengthGroupedSampler
@@ -648,14 +648,9 @@ def train_position_ids(
     `share` of the rows (each drawn with that chance) get such positions, the rest the plain
     ones. `limit` (the model's position table, for absolute-position models) caps the range.
     """
+    check_positions(how, factor, share)
     if how == "contiguous":
         return None
-    if how not in TRAIN_POSITIONS:
-        raise ValueError(f"train positions: one of {', '.join(TRAIN_POSITIONS)}, not {how!r}")
-    if factor < 1.0:
-        raise ValueError(f"the position factor must be >= 1, not {factor}")
-    if not 0.0 <= share <= 1.0:
-        raise ValueError(f"the share of rows with drawn positions must be in [0, 1], not {share}")
     rows, width = attention_mask.shape
     out = torch.zeros((rows, width), dtype=torch.long)
     for r in range(rows):
