@@ -103,6 +103,14 @@ solver scored alone, teacher-forced, per problem; `--sweep` reruns each lever on
   fewer of their questions exactly (55 % per question against 61-69 % for `all`). The same
   solver configuration scored 69-83 % per longer step across these runs: read single runs
   through their intervals.
+- one set of weights trained on both roles' examples and loaded as both students
+  (`--pair-weights shared`, trainers' `--roles decomposer+solver`, at the pair's compute: 1 627
+  steps on 3 M tokens), `--sweep --levers 0,11`, seed 0: pair 80.0 [71.1, 86.7] in-length,
+  10.0 [5.5, 17.4] longer, against 95.0 [88.8, 97.8] / 28.0 [20.1, 37.5] for two students.
+  The solver held (98.8 % per step against 98.1) but the decomposer lost: its questions,
+  answered by a gold solver, 73 % against 84 %. Its errors here, as with its own weights, are
+  copies: a name or item of another sentence ("after buying a game" for "spends $7 on a
+  scarf"). `separate` stays the default; `shared` stays for the weights it saves in serving.
 
 It always exits 0 on a completed run: it measures, it does not test.
 """
@@ -138,7 +146,7 @@ from socratic.adapters import (  # noqa: E402
 from socratic.config import option, parse_config  # noqa: E402
 from socratic.formats import examples_for, training_examples  # noqa: E402
 from socratic.stats import mean_spread, wilson_interval  # noqa: E402
-from trainers.config import TRAIN_POSITIONS, check_positions  # noqa: E402
+from trainers.config import SHARED, TRAIN_POSITIONS, check_positions, roles_of  # noqa: E402
 from trainers.data import tokenize  # noqa: E402
 
 log = logging.getLogger("distill_quality")  # the benchmark's name, as in its logs
@@ -160,6 +168,7 @@ LABELS = {
 }
 ONE_MODEL_STEPWISE = ("unified", "cot")  # what the pair must beat (answer-only is no steps)
 BUDGETS = ("per-student", "per-method", "both")
+PAIR_WEIGHTS = ("separate", "shared")  # two students, or one set of weights for both roles
 TARGET_SOCRATIC = 90.0  # % on the in-length test, calculator on
 TARGET_GAP = 0.0  # points, Socratic minus the best one-model step-by-step method, in-length
 TARGET_LONGER = 50.0  # % on the longer test, calculator on
@@ -212,6 +221,13 @@ class QualityConfig(DatasetOptions):
         help="the pair's decomposer: every sub-question at once (all) or one per step, given "
         "the answers so far (iterative, seed 0: 82 %% in-length, 6 %% longer against 95 %% / "
         "28 %% for all, both with stretched positions; see the docstring)",
+    )
+    pair_weights: str = option(
+        "separate", choices=PAIR_WEIGHTS,
+        help="the pair's students: two sets of weights (separate, the paper's), or one trained "
+        "on both roles' examples and loaded as both (shared: trainers' --roles "
+        "decomposer+solver; per student it trains on twice --budget-tokens, the pair's compute; "
+        "seed 0: 80 %% in-length, 10 %% longer against 95 / 28 %% separate, see the docstring)",
     )
     seeds: str | None = option(None, help="several seeds, e.g. 0,1,2: each a full run under "
                                "OUTPUT/seed-N, then the mean and spread of every figure")
@@ -319,10 +335,13 @@ class Entry:
     key: str  # "iterative", SPLIT_PAIR, "unified", ...: its row, run names and folders
     method: str  # what `pipelines.evaluate` runs
     per_student: bool  # every student trains on the whole budget (one-model methods: trivially)
+    shared: bool = False  # the pair's two roles in one set of weights (--pair-weights shared)
 
     @property
     def roles(self) -> tuple[str, ...]:
-        return METHOD_ROLES[self.method]
+        """What trains: one trainer role per student (`decomposer+solver` when shared)."""
+        roles = METHOD_ROLES[self.method]
+        return (SHARED.join(roles),) if self.shared else roles
 
     @property
     def students(self) -> str:
@@ -336,10 +355,11 @@ def entries(cfg: QualityConfig) -> list[Entry]:
         if m != "iterative":
             out.append(Entry(m, m, True))
             continue
+        shared = cfg.pair_weights == "shared"
         if cfg.budget in ("per-student", "both"):
-            out.append(Entry("iterative", "iterative", True))
+            out.append(Entry("iterative", "iterative", True, shared))
         if cfg.budget in ("per-method", "both"):
-            out.append(Entry(SPLIT_PAIR, "iterative", False))
+            out.append(Entry(SPLIT_PAIR, "iterative", False, shared))
     return out
 
 
@@ -448,7 +468,10 @@ def train_examples(problems: Sequence[Any], role: str, decomposer_form: str = "a
     one example per problem.
 
     Why not `role_texts`: planning the solver's steps on its per-example form counted ~1.7x the
-    tokens a packed step really holds, so its budget share and step count were wrong."""
+    tokens a packed step really holds, so its budget share and step count were wrong. A shared
+    student (`decomposer+solver`) trains on every part's examples, as the trainer builds them."""
+    if len(parts := roles_of(role)) > 1:
+        return [ex for part in parts for ex in train_examples(problems, part, decomposer_form)]
     return [
         ex for p in problems if p.steps
         for ex in training_examples(
@@ -488,8 +511,9 @@ def build_base(cfg: QualityConfig, problems: Sequence[Any]) -> str:
 def plan_steps(cfg: QualityConfig, problems: Sequence[Any], base: str) -> dict[str, dict]:
     """Steps per entry and role, `{entry: {role: plan}}` (see the module docstring).
 
-    Per student, each role trains on the whole budget; per method, the pair's two students share
-    it in proportion to their data, so both see the data the same number of times."""
+    Per student, each role trains on the whole budget (a shared student of two roles on twice
+    it: the pair's compute); per method, the pair's two students share it in proportion to
+    their data, so both see the data the same number of times."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base)
@@ -505,7 +529,8 @@ def plan_steps(cfg: QualityConfig, problems: Sequence[Any], base: str) -> dict[s
         plan[entry.key] = {}
         for role in entry.roles:
             tokens, examples = epoch_tokens[role]
-            share = cfg.budget_tokens * (1.0 if entry.per_student else tokens / total)
+            per_student = len(roles_of(role))  # students' worth of budget this run holds
+            share = cfg.budget_tokens * (per_student if entry.per_student else tokens / total)
             mean = tokens / examples
             steps = max(cfg.warmup_steps + 1, math.ceil(share / (cfg.batch_size * mean)))
             plan[entry.key][role] = {
@@ -715,6 +740,9 @@ def table(
             lines.append(f"| {LABELS[key]} | {label} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Accuracy in %, its 95 % Wilson interval in brackets, (correct/problems).")
+    if cfg.pair_weights == "shared" and "iterative" in cfg.method_list:
+        lines.append("The pair's two students are one set of weights trained on both roles' "
+                     "examples (--pair-weights shared).")  # fmt: skip
     if cfg.decomposer_form == "iterative" and "iterative" in cfg.method_list:
         lines.append("The pair's decomposer writes one sub-question at a time, given the answers "
                      "so far (--decomposer-form iterative).")  # fmt: skip
@@ -1022,6 +1050,8 @@ SWEEP: dict[str, Any] = {
         "train_positions": "random-gaps"},
     "training positions: stretched on every row": lambda c: {
         "train_positions": "stretch", "position_share": 1.0},
+    "one set of weights for both roles (pair weights flipped: separate <-> shared)": lambda c: {
+        "pair_weights": "separate" if c.pair_weights == "shared" else "shared"},
 }  # fmt: skip
 
 

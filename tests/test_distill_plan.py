@@ -35,3 +35,32 @@ def test_socratic_pair_sees_its_data_equally_often_with_the_packed_solver(tmp_pa
     tok = AutoTokenizer.from_pretrained(base)
     mean = sum(tokenize(packed, tok, cfg.max_length).lengths) / len(packed)
     assert each["solver"]["mean_tokens"] == round(mean, 1)
+
+
+def test_a_shared_pair_is_one_student_with_the_pair_s_budget(tmp_path: Path) -> None:
+    """--pair-weights shared: one run, `decomposer+solver`, on both roles' examples (what the
+    trainer builds), with the budget of two students per student and of one per method."""
+    from dataclasses import replace
+
+    from pipelines.quality import entries
+
+    cfg = QualityConfig(dataset_config="ops=2-2,operands=2-9,n_train=60,n_test=4,n_long=0",
+                        methods="iterative,cot", budget="both", budget_tokens=200_000,
+                        warmup_steps=1, pair_weights="shared")  # fmt: skip
+    assert [e.roles for e in entries(cfg)] == [("decomposer+solver",)] * 2 + [("cot",)]
+    problems = problems_of(cfg, "train", None)
+    base = build_student(tmp_path / "base", [p.question for p in problems])
+    plan = plan_steps(cfg, problems, str(base))
+    (each,), (split,) = plan["iterative"].values(), plan["iterative-split"].values()
+    assert each["budget_tokens"] == 2 * cfg.budget_tokens == 2 * split["budget_tokens"]
+    assert plan["cot"]["cot"]["budget_tokens"] == cfg.budget_tokens
+    rows = [{"question": p.question, "answer": p.answer,
+             "steps": [{"question": s.question, "answer": s.answer} for s in p.steps]}
+            for p in problems]  # fmt: skip
+    union, _ = build_examples(rows, "decomposer+solver", packed=True)
+    assert union == train_examples(problems, "decomposer+solver")
+    assert each["examples"] == len(union) == 2 * len(problems)
+    step_tokens = cfg.batch_size * each["mean_tokens"]  # the tokens of two students' budget
+    assert abs(each["steps"] * step_tokens - 2 * cfg.budget_tokens) <= step_tokens
+    separate = plan_steps(replace(cfg, pair_weights="separate"), problems, str(base))
+    assert set(separate["iterative"]) == {"decomposer", "solver"}

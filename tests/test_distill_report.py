@@ -90,7 +90,9 @@ def test_a_sweep_lever_that_sets_the_recipe_s_own_value_is_the_same_run() -> Non
                        ("500 training problems", False), ("recipe", True),
                        ("deeper, same parameters (6 x 96)", False),
                        ("training positions: the model's own (contiguous)", False),
-                       ("training positions: stretched on every row", False)):  # fmt: skip
+                       ("training positions: stretched on every row", False),
+                       ("one set of weights for both roles (pair weights flipped: separate <-> "
+                        "shared)", False)):  # fmt: skip
         assert same_run(replace(cfg, **SWEEP[name](cfg)), cfg) is same, name
     assert same_run(replace(cfg, dataset_config="n_train=8000,n_train=8000"), cfg)
     # auto positions are compared as what they run: stretched from scratch, plain otherwise

@@ -207,3 +207,27 @@ def test_relative_paths_are_resolved_on_the_driver(tmp_path: Path, monkeypatch) 
     assert ds["zero_optimization"] == base["zero_optimization"]
     with pytest.raises(FileNotFoundError, match="no DeepSpeed config"):
         TrainConfig(data="ann", base_model="gpt2", deepspeed="nope.json").read_deepspeed()
+
+
+def test_one_shared_student_trains_on_both_roles_and_is_exported_as_each(
+    ray_cluster, annotations, tiny_model_dir, tmp_path
+) -> None:
+    """`--roles decomposer+solver`: one set of weights learns both roles' examples, and both
+    role dirs hold it, with their own provenance, so evaluation and Serve load two students."""
+    import torch
+    from safetensors.torch import load_file
+
+    cfg = _cfg(tmp_path, annotations, tiny_model_dir, roles="decomposer+solver", num_workers=1,
+               max_steps=48, checkpoint_every=48)  # twice the data: twice the steps
+    (r,) = run(cfg)
+    assert r["role"] == "decomposer+solver" and r["steps"] == 48
+    exports = {role: Path(p) for role, p in r["exports"].items()}
+    assert list(exports) == ["decomposer", "solver"] and Path(r["export"]) == exports["decomposer"]
+    weights = [load_file(str(p / "model.safetensors")) for p in exports.values()]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    for role, export in exports.items():
+        prov = json.loads((export / "provenance.json").read_text())
+        assert prov["role"] == role and prov["student"] == "decomposer+solver"
+        before, after = _mean_loss(tiny_model_dir, role), _mean_loss(export, role)
+        print(f"\nshared {role}: loss {before:.3f} -> {after:.3f}")
+        assert after < 0.8 * before, (role, before, after)

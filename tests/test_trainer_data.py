@@ -203,6 +203,34 @@ def test_rows_that_cannot_format_are_skipped_and_counted() -> None:
         build_examples(rows, "critic")
 
 
+def test_a_shared_student_gets_every_part_roles_examples() -> None:
+    """`decomposer+solver`: the union of both roles' examples, packed where each part is."""
+    blank_q = _row(SAMPLE[2], steps=[Step("  ", "4")])
+    rows = iter([*_accepted_rows(SAMPLE[:3]), blank_q])  # read once per part: a list inside
+    examples, stats = build_examples(rows, "decomposer+solver", packed=True)
+    rows = [*_accepted_rows(SAMPLE[:3]), blank_q]
+    want = build_examples(rows, "decomposer")[0] + build_examples(rows, "solver", packed=True)[0]
+    assert examples == want
+    assert (stats.role, stats.rows, stats.examples, stats.skipped) == (
+        "decomposer+solver", 4, len(want), 2)  # fmt: skip
+    with pytest.raises(ValueError, match="unknown role 'critic'"):
+        build_examples(rows, "decomposer+critic")
+
+
+def test_train_config_takes_shared_students_and_refuses_a_role_twice() -> None:
+    from trainers.config import TrainConfig, roles_of
+
+    cfg = TrainConfig(data="d", base_model="m", roles="decomposer+solver, cot",
+                      role_scaling={"decomposer+solver": {"num_workers": 1}})  # fmt: skip
+    assert cfg.role_list == ["decomposer+solver", "cot"]
+    assert roles_of(cfg.role_list[0]) == ("decomposer", "solver")
+    assert cfg.scaling_for("decomposer+solver").num_workers == 1
+    with pytest.raises(ValueError, match="names a role twice"):
+        TrainConfig(data="d", base_model="m", roles="decomposer+solver,solver")
+    with pytest.raises(ValueError, match="'\\+' joins roles"):
+        TrainConfig(data="d", base_model="m", roles="decomposer+solvr")
+
+
 # --- tokenize ----------------------------------------------------------------------------------
 
 

@@ -34,8 +34,17 @@ _SCHEDULER_KEYS = {
 }  # fmt: skip
 SOLVER_EXAMPLES = ("packed", "per-example")
 TRAIN_POSITIONS = ("contiguous", "random-gaps", "stretch")  # trainers.data.train_position_ids
+SHARED = "+"  # `--roles decomposer+solver`: one student, one set of weights, for both roles
 
 TRAINERS_DIR = Path(__file__).resolve().parent
+
+
+def roles_of(student: str) -> tuple[str, ...]:
+    """The roles one student of `--roles` trains on: `solver` is the solver alone,
+    `decomposer+solver` one set of weights trained on both roles' examples and exported once
+    per role, so evaluation and Serve load it as two students (QUALITY.md: one model on both
+    roles with role prompts; our prompts already tell the roles apart)."""
+    return tuple(r.strip() for r in student.split(SHARED))
 
 
 def check_positions(how: str, factor: float, share: float) -> None:
@@ -73,7 +82,12 @@ class TrainConfig:
 
     data: str = option(help="annotation Parquet: a file, a folder, or several joined by commas")
     base_model: str = option(help="student to start from: a hub id (gpt2, gpt2-large) or a dir")
-    roles: str = option("decomposer,solver", help=f"comma-separated roles of {', '.join(ROLES)}")
+    roles: str = option(
+        "decomposer,solver",
+        help=f"comma-separated students, each a role of {', '.join(ROLES)} or roles joined by "
+        f"'{SHARED}' (decomposer{SHARED}solver: one set of weights trained on both, exported to "
+        "each role's dir)",
+    )
     output: str = option("outputs/students", help="where each role's exported HF dir goes")
     storage_path: str = option(
         "outputs/ray_results", help="Ray Train storage for checkpoints: a dir or a URI"
@@ -176,9 +190,13 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        bad = [r for r in self.role_list if r not in ROLES]
-        if bad or not self.role_list:
-            raise ValueError(f"--roles must name some of {', '.join(ROLES)}; got {self.roles!r}")
+        parts = [r for s in self.role_list for r in roles_of(s)]
+        if not self.role_list or any(r not in ROLES for r in parts):
+            raise ValueError(f"--roles must name some of {', '.join(ROLES)} (comma-separated, "
+                             f"'{SHARED}' joins roles into one student); got {self.roles!r}")
+        if len(set(parts)) < len(parts):
+            raise ValueError(f"--roles names a role twice: {self.roles!r} (each role is "
+                             "exported to its own dir, so one student per role)")
         if self.zero_stage not in (None, 2, 3):
             raise ValueError("--zero-stage must be 2 or 3")
         if self.solver_examples not in SOLVER_EXAMPLES:
@@ -192,7 +210,7 @@ class TrainConfig:
         if setting.lower() in ("auto", "off"):
             setting = setting.lower()
         object.__setattr__(self, "decontaminate", setting)  # frozen: set once, here
-        unknown = set(self.role_scaling or {}) - set(ROLES)
+        unknown = set(self.role_scaling or {}) - set(ROLES) - set(self.role_list)
         if unknown:
             raise ConfigError(
                 "role_scaling", f"unknown roles {', '.join(sorted(map(str, unknown)))}"

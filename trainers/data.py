@@ -59,7 +59,7 @@ from socratic.records import (
     conform_annotations,
     steps_from,
 )
-from trainers.config import check_positions
+from trainers.config import check_positions, roles_of
 
 IGNORE_INDEX = -100  # the label torch's cross-entropy (and every HF causal LM) skips
 MEGA_BATCH_FACTOR = 50  # batches per length-sorted window, as in HF's LengthGroupedSampler
@@ -171,7 +171,9 @@ def build_examples(
 
     With `packed`, the solver gets one `SolverSequence` per row instead of one `Example` per
     sub-question (`examples` then counts the sequences); other roles have one example per row
-    and are unchanged. `decomposer_form` "iterative" gives the decomposer one example per
+    and are unchanged. A shared student (`decomposer+solver`, `trainers.config.roles_of`) gets
+    every part's examples; `skipped` then counts a row once per part it failed.
+    `decomposer_form` "iterative" gives the decomposer one example per
     sub-question plus the end one (`socratic.formats.examples_for`), with `packed` one
     `decomposer_sequence` per row instead.
 
@@ -180,6 +182,16 @@ def build_examples(
     sub-question - is skipped and counted rather than raised: one bad teacher reply should not
     stop a training run, but the count shows up in its summary. An unknown role is raised.
     """
+    if len(parts := roles_of(role)) > 1:  # one student on several roles: their union
+        rows = list(rows)
+        stats, examples = BuildStats(role, rows=len(rows)), []
+        for part in parts:
+            got, s = build_examples(rows, part, packed=packed, decomposer_form=decomposer_form)
+            examples += got
+            stats.skipped += s.skipped
+            stats.skip_reasons.update(s.skip_reasons)
+        stats.examples = len(examples)
+        return examples, stats
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
     stats = BuildStats(role)

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainers.config import TrainConfig
+from trainers.config import TrainConfig, roles_of
 from trainers.data import (
     TokenizedSet,
     absolute_positions,
@@ -273,13 +273,14 @@ def run_fingerprint(
     `--decomposer-form iterative` (packed alike), which also records its form (None for "all",
     as before the option existed, so older checkpoints still resume). `data` reuses a
     `data_fingerprint` already computed for the same rows."""
-    iterative = role == "decomposer" and cfg.decomposer_form == "iterative"
+    parts = roles_of(role)
+    iterative = "decomposer" in parts and cfg.decomposer_form == "iterative"
     fp: dict[str, Any] = {
         "version": 1,
         "role": role,
         "data": data or data_fingerprint(train_rows),
         "max_length": cfg.max_length,
-        "solver_examples": cfg.solver_examples if role == "solver" or iterative else None,
+        "solver_examples": cfg.solver_examples if "solver" in parts or iterative else None,
         "decomposer_form": "iterative" if iterative else None,
         "mask_calculator_results": cfg.mask_calculator_results,
         "tokenizer": tokenizer_fingerprint(tokenizer),

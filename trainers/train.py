@@ -39,7 +39,7 @@ from socratic.decontaminate import (
     problems_from_file,
 )
 from socratic.records import Problem
-from trainers.config import TrainConfig
+from trainers.config import TrainConfig, roles_of
 from trainers.data import build_examples, read_accepted
 from trainers.export import FINGERPRINT_FILE, export_to, provenance
 from trainers.loop import (
@@ -278,19 +278,27 @@ def fit_role(job: RoleJob) -> dict[str, Any]:
 
 
 def export_role(job: RoleJob, fitted: dict[str, Any]) -> dict[str, Any]:
-    """On the driver: consolidate the chosen checkpoint into `--output/<role>` (path or URI)."""
+    """On the driver: consolidate the chosen checkpoint into `--output/<role>` (path or URI),
+    once per role of a shared student (`decomposer+solver`: the same weights in
+    `--output/decomposer` and `--output/solver`, each with its role's provenance, so
+    evaluation and Serve load them as the two students they expect). `export` is the first
+    dir, `exports` every role's."""
     cfg = job.cfg
     checkpoint = fitted.pop("export_checkpoint")
     metrics = fitted.pop("export_metrics")
-    out = f"{cfg.output.rstrip('/')}/{job.role}"
-    record = provenance(
-        role=job.role, config=asdict(cfg), deepspeed=job.deepspeed, checkpoint=checkpoint.path,
-        metrics=metrics, export=cfg.export,
-    )  # fmt: skip
-    if "decontamination" in fitted:
-        record["decontamination"] = fitted["decontamination"]
+    fitted["exports"] = {}
     with checkpoint.as_directory() as d:
-        fitted["export"] = export_to(d, cfg.base_model, out, record)
+        for role in roles_of(job.role):
+            record = provenance(
+                role=role, config=asdict(cfg), deepspeed=job.deepspeed,
+                checkpoint=checkpoint.path, metrics=metrics, export=cfg.export,
+            )  # fmt: skip
+            record["student"] = job.role  # the roles these weights were trained on
+            if "decontamination" in fitted:
+                record["decontamination"] = fitted["decontamination"]
+            out = f"{cfg.output.rstrip('/')}/{role}"
+            fitted["exports"][role] = export_to(d, cfg.base_model, out, record)
+    fitted["export"] = next(iter(fitted["exports"].values()))
     fitted["exported_step"] = metrics.get("step")
     return fitted
 
@@ -353,7 +361,7 @@ def format_summary(results: Sequence[dict[str, Any]]) -> str:
         f"({r['wall_s']} s with start-up), final loss {r['final_loss']:.4f}"
         + (f", eval loss {r['eval_loss']:.4f}" if r.get("eval_loss") is not None else "")
         + (f", resumed from step {r['resumed_from_step']}" if r["resumed_from_step"] else "")
-        + f" -> {r['export']}"
+        + f" -> {', '.join(r.get('exports', {}).values()) or r['export']}"
         for r in results
     ]
     decon = next((r["decontamination"] for r in results if r.get("decontamination")), None)
