@@ -64,3 +64,42 @@ def test_a_shared_pair_is_one_student_with_the_pair_s_budget(tmp_path: Path) -> 
     assert abs(each["steps"] * step_tokens - 2 * cfg.budget_tokens) <= step_tokens
     separate = plan_steps(replace(cfg, pair_weights="separate"), problems, str(base))
     assert set(separate["iterative"]) == {"decomposer", "solver"}
+
+
+def test_on_policy_steps_take_the_decomposer_s_questions_and_the_gold_answers() -> None:
+    from pipelines.quality import on_policy_steps
+
+    gold = [{"question": "How many apples?", "answer": "3*4 = <<3*4=12>>12"},
+            {"question": "How many in all?", "answer": "12+2 = <<12+2=14>>14"}]  # fmt: skip
+    got = on_policy_steps(gold, "Q1: How many bags?\nQ2: How many in all?")
+    assert got == [{"question": "How many bags?", "answer": gold[0]["answer"]}, gold[1]]
+    assert on_policy_steps(gold, "Q1: How many bags?") is None  # cannot be aligned
+    assert on_policy_steps(gold, "Q1: How many bags?\nQ2: \nQ3: x") == [
+        {"question": "How many bags?", "answer": gold[0]["answer"]},
+        {"question": "x", "answer": gold[1]["answer"]}]  # as the loop parses it: empty skipped
+    assert on_policy_steps(gold, "Q1: a\nQ2: b\nQ3: c") is None
+
+
+def test_on_policy_data_is_annotation_parquet_the_trainer_reads(tmp_path: Path) -> None:
+    """The real path: annotate --mode gold, a student's replies, the Parquet the solver trains
+    on. An untrained student cannot be aligned, so every drawn problem keeps its gold steps,
+    counted, and no row is lost."""
+    from pipelines.quality import annotate_gold, entries, on_policy_data
+
+    cfg = QualityConfig(dataset_config="ops=2-2,operands=2-9,n_train=40,n_test=4,n_long=0",
+                        methods="iterative", output=str(tmp_path), solver_data="on-policy",
+                        on_policy_share=0.5)  # fmt: skip
+    problems = problems_of(cfg, "train", None)
+    ann = annotate_gold(cfg)["output"]
+    build_student(tmp_path / "students" / "decomposer", [p.question for p in problems])
+    path, info = on_policy_data(cfg, entries(cfg)[0], ann, max_new_tokens=8)
+    assert info["problems"] == 40 and info["drawn"] == 20
+    assert info["count differs, gold kept"] == 20  # random weights write no Q lines
+    gold, rows = build_examples_rows(ann), build_examples_rows(path)
+    assert rows == gold  # nothing aligned, so every row is the gold one
+
+
+def build_examples_rows(path: str) -> list[tuple]:
+    from trainers.data import read_accepted
+
+    return sorted((r["id"], str(r["steps"])) for r in read_accepted(path))

@@ -110,3 +110,13 @@ def test_training_positions_resolve_by_student_and_bad_values_are_refused() -> N
         QualityConfig(position_factor=0.5)
     with pytest.raises(ValueError, match="--position-share"):
         QualityConfig(position_share=2.0)
+
+
+def test_on_policy_solver_data_needs_a_separate_all_at_once_decomposer() -> None:
+    assert QualityConfig(solver_data="on-policy").on_policy_share == 0.5
+    for bad in ({"pair_weights": "shared"}, {"decomposer_form": "iterative"}):
+        with pytest.raises(ValueError, match="decomposer trained before the solver"):
+            QualityConfig(solver_data="on-policy", **bad)
+    with pytest.raises(ValueError, match="--on-policy-share"):
+        QualityConfig(solver_data="on-policy", on_policy_share=0.0)
+    QualityConfig(on_policy_share=0.0)  # only read with --solver-data on-policy
