@@ -863,8 +863,9 @@ def diagnostics_table(diag: dict[str, dict]) -> str:
         return ""
     lines = ["| pair | test | solver, per step | solver, per problem | decomposer: count right "
              "| decomposer: questions exact | every question exact (gold-solver pipeline, "
-             "lower bound) |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "lower bound) | decomposer's wrong questions: one word off, from the problem / "
+             "not in it / another kind |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
 
     def pct(x: dict) -> str:
         if x["accuracy"] is None:
@@ -874,14 +875,18 @@ def diagnostics_table(diag: dict[str, dict]) -> str:
     for key, by_split in diag.items():
         for name, d in by_split.items():
             sol, dec = d["solver"], d["decomposer"]
+            m = list(dec.get("misses", {}).values())
+            kinds = f"{m[0]} / {m[1]} / {sum(m[2:])}" if m else ""
             lines.append(f"| {LABELS[key]} | {name} | {pct(sol['per_step'])} | "
                          f"{pct(sol['per_problem'])} | {pct(dec['count_right'])} | "
-                         f"{pct(dec['question_right'])} | {pct(dec['gold_solver_pipeline'])} |")
+                         f"{pct(dec['question_right'])} | {pct(dec['gold_solver_pipeline'])} | "
+                         f"{kinds} |")
     lines.append("")
     lines.append("Solver: gold sub-questions with the gold history (teacher forcing). Decomposer: "
                  "its sub-questions against the gold ones, word for word; a gold solver answers "
                  "those, so the last column bounds the pipeline with a gold solver from below "
-                 "(a question worded otherwise may still be answered right).")  # fmt: skip
+                 "(a question worded otherwise may still be answered right). Wrong questions "
+                 "by kind: socratic.diagnose.MISS_KINDS, every kind in the JSON.")  # fmt: skip
     return "\n".join(lines)
 
 

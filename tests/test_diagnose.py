@@ -63,6 +63,26 @@ def test_the_decomposer_is_compared_with_the_gold_sub_questions() -> None:
     assert r["gold_solver_pipeline"]["correct"] == n - 2
     total = sum(len(p.steps) for p in PROBLEMS)
     assert r["question_right"] == {**r["question_right"], "correct": total - 2, "total": total}
+    assert r["misses"] == {"one word, from the problem": 0, "one word, not in the problem": 0,
+                           "another step's question": 0, "other": 1, "missing": 1}  # fmt: skip
+
+
+def test_a_wrong_question_is_told_apart_by_how_it_went_wrong() -> None:
+    """The decomposer's misses by kind: one word read from elsewhere in the problem (a name of
+    another sentence), one word the problem does not hold (a default item), the question of
+    another step, none at all there, or other."""
+    from socratic.diagnose import miss_kind
+
+    problem = ("Noah has $13. Noah spends $8 on a hat. Leo has 9 times as much money as Noah. "
+               "How much money does Leo have?")  # fmt: skip
+    gold = ["How much money does Noah have after buying a hat?", "How much money does Leo have?"]
+    assert miss_kind("How much money does Noah have?", gold[1], gold, problem) == (
+        "one word, from the problem")
+    assert miss_kind("How much money does Noah have after buying a plant?", gold[0], gold,
+                     problem) == "one word, not in the problem"  # fmt: skip
+    assert miss_kind(gold[1], gold[0], gold, problem) == "another step's question"
+    assert miss_kind("How many?", gold[0], gold, problem) == "other"
+    assert miss_kind(None, gold[0], gold, problem) == "missing"
 
 
 def test_wilson_interval_and_spread() -> None:
@@ -110,3 +130,5 @@ def test_the_iterative_decomposer_is_teacher_forced_step_by_step_then_must_stop(
     assert (r["stopped_early"]["correct"], r["ran_on"]["correct"]) == (1, 1)
     total = sum(len(p.steps) for p in PROBLEMS)
     assert r["question_right"] == {**r["question_right"], "correct": total - 2, "total": total}
+    # problem 1 stopped before its second question; problem 2's first is not the gold one
+    assert (r["misses"]["missing"], r["misses"]["other"]) == (1, 1)

@@ -120,3 +120,19 @@ def test_on_policy_solver_data_needs_a_separate_all_at_once_decomposer() -> None
     with pytest.raises(ValueError, match="--on-policy-share"):
         QualityConfig(solver_data="on-policy", on_policy_share=0.0)
     QualityConfig(on_policy_share=0.0)  # only read with --solver-data on-policy
+
+
+def test_the_students_alone_table_shows_the_decomposer_s_misses_by_kind() -> None:
+    from pipelines.quality import diagnostics_table
+    from socratic.diagnose import MISS_KINDS
+
+    def share(hits: int, n: int = 100) -> dict:
+        return {"correct": hits, "total": n, "accuracy": float(hits),
+                "ci95": list(wilson_interval(hits, n))}  # fmt: skip
+
+    dec = {"count_right": share(100), "question_right": share(92), "gold_solver_pipeline":
+           share(84), "misses": dict(zip(MISS_KINDS, (13, 7, 1, 2, 3), strict=True))}  # fmt: skip
+    md = diagnostics_table({"iterative": {"in-length": {
+        "solver": {"per_step": share(98), "per_problem": share(95)}, "decomposer": dec}}})
+    row = next(x for x in md.splitlines() if "| in-length |" in x)
+    assert row.endswith("| 84.0 [75.6, 89.9] | 13 / 7 / 6 |")
