@@ -635,9 +635,8 @@ def on_policy_steps(gold: Sequence[dict[str, str]], text: str) -> list[dict[str,
 
 
 def train_all(
-    cfg: QualityConfig, data: str, base: str, plan: dict[str, dict],
-    problems: Sequence[Any] = (),
-) -> list[dict]:  # fmt: skip
+    cfg: QualityConfig, data: str, base: str, plan: dict[str, dict], problems: Sequence[Any]
+) -> list[dict]:
     """One `trainers.train.run` per entry and role (its own step count), `--concurrent` at a
     time, longest first. With `--solver-data on-policy` a separate pair is one job: its
     decomposer, then its solver on `on_policy_data` (`problems` size the decomposer's
