@@ -125,7 +125,9 @@ solver scored alone, teacher-forced, per problem; `--sweep` reruns each lever on
   against 97 / 30, answer-only 6 / 6. More steps help every student that writes steps, the
   one-model unified most; the pair still trails CoT (-4 against -6 points), its decomposer
   wording fewer questions exactly (84 % against 91 %), its solver more steps right (97.7 %
-  against 95.8 %). Not the default: about twice the training time on 2 cores.
+  against 95.8 %). Seed 1: pair 94 / 20 against 86 / 11, unified 91 / 27 against 62 / 4,
+  CoT 97 / 67 against 91 / 27 (gap -3). Not the default: about twice the training time on 2
+  cores.
 
 It always exits 0 on a completed run: it measures, it does not test.
 """
