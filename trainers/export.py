@@ -60,7 +60,9 @@ def export_checkpoint(
     history_file = checkpoint_dir / HISTORY_FILE
     history = json.loads(history_file.read_text()) if history_file.is_file() else []
     if history:
-        plot_losses(history, out / CURVES_FILE, title=str((provenance or {}).get("role", "")))
+        record = provenance or {}  # a shared student's curve is titled by its joined roles
+        title = str(record.get("student", record.get("role", "")))
+        plot_losses(history, out / CURVES_FILE, title=title)
     if provenance is not None:
         (out / PROVENANCE_FILE).write_text(json.dumps(dict(provenance), indent=2, default=str))
     return out
@@ -83,6 +85,28 @@ def export_to(
         fs.create_dir(path, recursive=True)
         pafs.copy_files(local, path, destination_filesystem=fs)
     return output
+
+
+def _filesystem(where: str) -> tuple[Any, str]:
+    import pyarrow.fs as pafs
+
+    if "://" in where:
+        return pafs.FileSystem.from_uri(where)
+    return pafs.LocalFileSystem(), str(Path(where).resolve())
+
+
+def copy_export(source: str, output: str, provenance: Mapping[str, Any]) -> str:
+    """An exported dir (`export_to`'s result) copied to `output`, a local dir or a URI, with
+    its own `provenance.json`: the further roles of a shared student (`decomposer+solver`),
+    without consolidating the checkpoint again. Returns where it went, as `export_to` does."""
+    import pyarrow.fs as pafs
+
+    (src_fs, src), (dst_fs, dst) = _filesystem(source), _filesystem(output)
+    dst_fs.create_dir(dst, recursive=True)
+    pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
+    with dst_fs.open_output_stream(f"{dst}/{PROVENANCE_FILE}") as f:
+        f.write(json.dumps(dict(provenance), indent=2, default=str).encode())
+    return output if "://" in output else dst
 
 
 def provenance(

@@ -41,7 +41,7 @@ from socratic.decontaminate import (
 from socratic.records import Problem
 from trainers.config import TrainConfig, roles_of
 from trainers.data import build_examples, read_accepted
-from trainers.export import FINGERPRINT_FILE, export_to, provenance
+from trainers.export import FINGERPRINT_FILE, copy_export, export_to, provenance
 from trainers.loop import (
     RoleJob,
     check_checkpoint,
@@ -281,8 +281,8 @@ def export_role(job: RoleJob, fitted: dict[str, Any]) -> dict[str, Any]:
     """On the driver: consolidate the chosen checkpoint into `--output/<role>` (path or URI),
     once per role of a shared student (`decomposer+solver`: the same weights in
     `--output/decomposer` and `--output/solver`, each with its role's provenance, so
-    evaluation and Serve load them as the two students they expect). `export` is the first
-    dir, `exports` every role's."""
+    evaluation and Serve load them as the two students they expect; consolidated once, then
+    copied). `export` is the first dir, `exports` every role's."""
     cfg = job.cfg
     checkpoint = fitted.pop("export_checkpoint")
     metrics = fitted.pop("export_metrics")
@@ -297,7 +297,11 @@ def export_role(job: RoleJob, fitted: dict[str, Any]) -> dict[str, Any]:
             if "decontamination" in fitted:
                 record["decontamination"] = fitted["decontamination"]
             out = f"{cfg.output.rstrip('/')}/{role}"
-            fitted["exports"][role] = export_to(d, cfg.base_model, out, record)
+            first = next(iter(fitted["exports"].values()), None)
+            fitted["exports"][role] = (
+                copy_export(first, out, record) if first
+                else export_to(d, cfg.base_model, out, record)
+            )  # fmt: skip
     fitted["export"] = next(iter(fitted["exports"].values()))
     fitted["exported_step"] = metrics.get("step")
     return fitted
@@ -361,7 +365,7 @@ def format_summary(results: Sequence[dict[str, Any]]) -> str:
         f"({r['wall_s']} s with start-up), final loss {r['final_loss']:.4f}"
         + (f", eval loss {r['eval_loss']:.4f}" if r.get("eval_loss") is not None else "")
         + (f", resumed from step {r['resumed_from_step']}" if r["resumed_from_step"] else "")
-        + f" -> {', '.join(r.get('exports', {}).values()) or r['export']}"
+        + f" -> {', '.join(r['exports'].values())}"
         for r in results
     ]
     decon = next((r["decontamination"] for r in results if r.get("decontamination")), None)
