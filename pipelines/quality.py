@@ -693,10 +693,11 @@ def train_all(
             out.append(one(key, role, role_data, extra))
         return out
 
-    on_policy = cfg.solver_data == "on-policy"
-    jobs = [(k, tuple(plan[k])) if on_policy and by_key[k].method == "iterative" else (k, (r,))
-            for k in plan for r in plan[k]]  # fmt: skip
-    jobs = list(dict.fromkeys(jobs))  # a chained pair is one job, listed once
+    def chained(key: str) -> bool:  # the pair's roles one after the other, in one job
+        return cfg.solver_data == "on-policy" and by_key[key].method == "iterative"
+
+    jobs = [job for k in plan
+            for job in ([(k, tuple(plan[k]))] if chained(k) else [(k, (r,)) for r in plan[k]])]
     jobs.sort(key=lambda j: -sum(plan[j[0]][r]["steps"] * plan[j[0]][r]["mean_tokens"]
                                  for r in j[1]))  # fmt: skip
     with ThreadPoolExecutor(max_workers=max(1, cfg.concurrent)) as pool:
