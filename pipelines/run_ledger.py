@@ -131,11 +131,18 @@ class RunLedger:
                     return "slot", None
                 await self._changed.wait()
 
-    async def end_probe(self, answered: bool) -> None:
+    async def end_probe(self, answered: bool, stop: FatalTeacherError | None = None) -> None:
+        """A probe slot given back; `stop`, the fatal error that call met, is set in the same
+        step. Ray does not keep an async actor's calls in the order they were sent, so a
+        separate `stop` could arrive after a waiting probe had taken the freed slot: one call
+        more than `--max-in-flight` with a wrong key (seen in CI)."""
         self._count("end_probe")
         async with self._changed:
             self.book.probes -= 1
             self.book.verified = self.book.verified or answered
+            if stop is not None and self.book.stop is None:
+                self.book.stop = stop
+                log.error("run stopped: %s", stop)
             self._changed.notify_all()
 
     async def stop(self, error: FatalTeacherError) -> None:
@@ -249,7 +256,7 @@ class LedgerGate:
                 await self._reserve(bound_usd)
         except BaseException:
             if probe:
-                self._ledger.end_probe.remote(False)
+                self._ledger.end_probe.remote(False, self._stop)
             raise
         self.in_flight += bound_usd
         return Ticket(bound_usd, probe)
@@ -301,7 +308,7 @@ class LedgerGate:
         self.available += max(0.0, ticket.bound_usd - cost_usd)
         if ticket.probe:
             self._verified = self._verified or answered
-            self._ledger.end_probe.remote(answered)
+            self._ledger.end_probe.remote(answered, self._stop)
 
     def fail(self, error: FatalTeacherError) -> None:
         if self._stop is None:

@@ -173,7 +173,7 @@ def test_the_driver_drops_overlapping_problems_and_every_worker_trains_without_t
     json.dumps(summary)  # goes into provenance.json
     result = {"role": "decomposer", "steps": 1, "tokens": 1, "train_s": 1.0, "wall_s": 1.0,
               "final_loss": 1.0, "resumed_from_step": 0, "export": "x",
-              "decontamination": summary}  # fmt: skip
+              "exports": {"decomposer": "x"}, "decontamination": summary}  # fmt: skip
     assert format_summary([result]).splitlines()[0] == (
         "decontamination (auto): dropped 1 of 33 training problems sharing a 13-gram with "
         "sample/test"

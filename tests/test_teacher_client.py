@@ -288,3 +288,22 @@ def test_the_ledger_book_shares_the_cap_and_ignores_stale_reports() -> None:
     assert (book.spent_usd, book.held, book.epoch) == (3.5, {}, 1)
     assert not book.report("a", 0, spent_delta=9.0, held=9.0)  # a chunk-0 actor's late report
     assert book.spent_usd == 3.5 and book.held == {}
+
+
+def test_a_probe_slot_freed_by_a_fatal_error_is_never_taken_before_the_stop() -> None:
+    # Ray runs an async actor's calls in no guaranteed order: the slot a 401 frees may arrive
+    # before (or instead of) a separate `stop`. The freed slot carries the error, so a probe
+    # waiting for it learns the stop rather than sending one call more than --max-in-flight.
+    from pipelines.run_ledger import RunLedger
+
+    async def scenario() -> tuple[str, FatalTeacherError | None]:
+        ledger = RunLedger(cap_usd=None, probe_limit=1)
+        assert (await ledger.probe())[0] == "slot"
+        waiting = asyncio.create_task(ledger.probe())
+        await asyncio.sleep(0.01)
+        assert not waiting.done()  # the one slot is out, nothing known yet
+        await ledger.end_probe(False, FatalTeacherError("refused", kind="401", status=401))
+        return await asyncio.wait_for(waiting, 5)
+
+    answer, stop = asyncio.run(scenario())
+    assert answer == "stopped" and stop is not None and stop.status == 401
