@@ -52,7 +52,11 @@ token of every example a student sees (prompt + target + EOS, padding excluded),
 a training step costs; a role's steps are the budget / (global batch x its mean example
 length). Answer-only examples are short, so it sees each problem many more times than the
 others: the budget is compute, not epochs. The tokens each run really trained on come back
-from the trainer and are in the table and JSON.
+from the trainer and are in the table and JSON. `--budget-epochs E` budgets passes instead:
+every student trains E passes over the training problems, so every method takes the same
+optimizer steps (one sequence per problem each); a token budget gives the solver, whose
+sequences carry the sub-questions, 28 % fewer steps than chain of thought (645 against 826 at
+1.5 M tokens, seed 0).
 
 The recipe, as measured (seed 0, 2 000 problems of 1-4 operations, 3 x 128 students; the pair's
 solver scored alone, teacher-forced, per problem; `--sweep` reruns each lever on the pair):
@@ -226,6 +230,12 @@ class QualityConfig(DatasetOptions):
     )
     budget_tokens: int = option(1_500_000, help="training tokens per student or method "
                                 "(see --budget and the docstring)")
+    budget_epochs: float | None = option(
+        None, help="instead of --budget-tokens: every student trains this many passes over the "
+        "training problems (the same number of optimizer steps for every method; per method "
+        "the pair's two students share them, half each). A token budget charges a student for "
+        "the input it reads, the solver for its sub-questions; see the docstring",
+    )
     budget: str = option("per-student", choices=BUDGETS,
                          help="the pair's budget: per-student (each student trains on "
                          "--budget-tokens, the paper's setting), per-method (its two students "
@@ -296,6 +306,8 @@ class QualityConfig(DatasetOptions):
 
     def __post_init__(self) -> None:
         check_positions(self.positions, self.position_factor, self.position_share)
+        if self.budget_epochs is not None and not self.budget_epochs > 0:
+            raise ValueError(f"--budget-epochs must be > 0, got {self.budget_epochs}")
         if self.solver_data == "on-policy":
             if not 0.0 < self.on_policy_share <= 1.0:
                 raise ValueError(f"--on-policy-share must be in (0, 1], got "
@@ -567,9 +579,16 @@ def plan_steps(cfg: QualityConfig, problems: Sequence[Any], base: str) -> dict[s
         for role in entry.roles:
             tokens, examples = epoch_tokens[role]
             per_student = len(roles_of(role))  # students' worth of budget this run holds
-            share = cfg.budget_tokens * (per_student if entry.per_student else tokens / total)
             mean = tokens / examples
-            steps = max(cfg.warmup_steps + 1, math.ceil(share / (cfg.batch_size * mean)))
+            if cfg.budget_epochs is not None:  # a shared student's examples are both roles'
+                students = sum(len(roles_of(r)) for r in entry.roles)
+                passes = cfg.budget_epochs / (1 if entry.per_student else students)
+                share = passes * tokens
+                steps = math.ceil(round(passes * examples / cfg.batch_size, 6))
+            else:
+                share = cfg.budget_tokens * (per_student if entry.per_student else tokens / total)
+                steps = math.ceil(share / (cfg.batch_size * mean))
+            steps = max(cfg.warmup_steps + 1, steps)
             plan[entry.key][role] = {
                 "method": entry.method, "budget_tokens": round(share), "examples": examples,
                 "mean_tokens": round(mean, 1), "steps": steps,
@@ -1042,8 +1061,10 @@ def run(cfg: QualityConfig) -> dict[str, Any]:
         base = build_base(cfg, train_problems)
         plan = plan_steps(cfg, train_problems, base)
         unit = "method" if cfg.budget == "per-method" else "student"
+        amount = (f"{cfg.budget_epochs} epochs" if cfg.budget_epochs is not None
+                  else f"{cfg.budget_tokens} tokens")  # fmt: skip
         say(f"students from {'scratch' if not cfg.base_model else base}; budget "
-            f"{cfg.budget_tokens} tokens per {unit} (pair: {cfg.budget})")
+            f"{amount} per {unit} (pair: {cfg.budget})")
         t = time.perf_counter()
         trained = train_all(cfg, ann["output"], base, plan, train_problems)
         times["train_s"] = round(time.perf_counter() - t, 1)

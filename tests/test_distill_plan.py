@@ -103,3 +103,27 @@ def build_examples_rows(path: str) -> list[tuple]:
     from trainers.data import read_accepted
 
     return sorted((r["id"], str(r["steps"])) for r in read_accepted(path))
+
+
+def test_an_epoch_budget_gives_every_student_the_same_passes(tmp_path: Path) -> None:
+    """--budget-epochs: per student every student (a shared one over both roles' examples)
+    trains E passes; per method the pair's students share them, half each."""
+    from dataclasses import replace
+
+    import pytest
+
+    cfg = QualityConfig(dataset_config="ops=2-2,operands=2-9,n_train=64,n_test=4,n_long=0",
+                        methods="iterative,cot,answer", budget="both", budget_epochs=2.0,
+                        warmup_steps=1)  # fmt: skip
+    problems = problems_of(cfg, "train", None)
+    base = build_student(tmp_path / "base", [p.question for p in problems])
+    plan = plan_steps(cfg, problems, str(base))
+    steps = 2 * len(problems) // cfg.batch_size  # 8 for every student, whatever its length
+    assert {r["steps"] for m in ("iterative", "cot", "answer") for r in plan[m].values()} == {steps}
+    assert {r["steps"] for r in plan["iterative-split"].values()} == {steps // 2}
+    assert plan["iterative"]["solver"]["budget_tokens"] > plan["cot"]["cot"]["budget_tokens"]
+    shared = plan_steps(replace(cfg, pair_weights="shared"), problems, str(base))
+    assert shared["iterative"]["decomposer+solver"]["steps"] == 2 * steps
+    assert shared["iterative-split"]["decomposer+solver"]["steps"] == steps
+    with pytest.raises(ValueError, match="--budget-epochs must be > 0"):
+        QualityConfig(budget_epochs=0)
