@@ -134,8 +134,10 @@ solver scored alone, teacher-forced, per problem; `--sweep` reruns each lever on
   one-model unified most; the pair still trails CoT (-4 against -6 points), its decomposer
   wording fewer questions exactly (84 % against 91 %), its solver more steps right (97.7 %
   against 95.8 %). Seed 1: pair 94 / 20 against 86 / 11, unified 91 / 27 against 62 / 4,
-  CoT 97 / 67 against 91 / 27 (gap -3). Not the default: about twice the training time on 2
-  cores.
+  CoT 97 / 67 against 91 / 27 (gap -3). Seed 2 (idle, 901 s against 864 s at 16 on seed 0):
+  pair 95 / 20 against 97 / 24, unified 97 / 19 against 58 / 0, CoT 98 / 48 against 99 / 29
+  (gap -3). Over three seeds the pair is 94-95 % in-length (86-97 at 16) and trails CoT by
+  3-4 points (2-6 at 16). Not yet the default: the wall target (900 s) sits at its edge.
 
 It always exits 0 on a completed run: it measures, it does not test.
 """

@@ -80,10 +80,13 @@ def test_on_policy_steps_take_the_decomposer_s_questions_and_the_gold_answers() 
     assert on_policy_steps(gold, "Q1: a\nQ2: b\nQ3: c") is None
 
 
-def test_on_policy_data_is_annotation_parquet_the_trainer_reads(tmp_path: Path) -> None:
+def test_on_policy_data_is_annotation_parquet_the_trainer_reads(
+    ray_cluster, tmp_path: Path
+) -> None:
     """The real path: annotate --mode gold, a student's replies, the Parquet the solver trains
     on. An untrained student cannot be aligned, so every drawn problem keeps its gold steps,
-    counted, and no row is lost."""
+    counted, and no row is lost. On the session's Ray cluster: annotating starts one
+    otherwise, and a later `ray_cluster` would then fail to start its own."""
     from pipelines.quality import annotate_gold, entries, on_policy_data
 
     cfg = QualityConfig(dataset_config="ops=2-2,operands=2-9,n_train=40,n_test=4,n_long=0",
