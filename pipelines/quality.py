@@ -195,6 +195,7 @@ LABELS = {
 }
 ONE_MODEL_STEPWISE = ("unified", "cot")  # what the pair must beat (answer-only is no steps)
 BUDGETS = ("per-student", "per-method", "both")
+DEFAULT_TOKENS = 1_500_000  # training tokens per student: the budget unless --budget-epochs
 PAIR_WEIGHTS = ("separate", "shared")  # two students, or one set of weights for both roles
 SOLVER_DATA = ("gold", "on-policy")  # the solver's sub-questions: gold, or its decomposer's
 TARGET_SOCRATIC = 90.0  # % on the in-length test, calculator on
@@ -234,8 +235,10 @@ class QualityConfig(DatasetOptions):
     n_positions: int = option(
         1024, help="from-scratch student: context length (long-split histories grow past 512)"
     )
-    budget_tokens: int = option(1_500_000, help="training tokens per student or method "
-                                "(see --budget and the docstring)")
+    budget_tokens: int | None = option(
+        None, help=f"training tokens per student or method (default {DEFAULT_TOKENS:_} unless "
+        "--budget-epochs is given; see --budget and the docstring)",
+    )
     budget_epochs: float | None = option(
         None, help="instead of --budget-tokens: every student trains this many passes over the "
         "training problems (the same number of optimizer steps for every method; per method "
@@ -313,8 +316,13 @@ class QualityConfig(DatasetOptions):
 
     def __post_init__(self) -> None:
         check_positions(self.positions, self.position_factor, self.position_share)
+        if self.budget_epochs is not None and self.budget_tokens is not None:
+            raise ValueError("--budget-epochs and --budget-tokens are one budget in two units: "
+                             "give one of them")
         if self.budget_epochs is not None and not self.budget_epochs > 0:
             raise ValueError(f"--budget-epochs must be > 0, got {self.budget_epochs}")
+        if self.budget_tokens is not None and not self.budget_tokens > 0:
+            raise ValueError(f"--budget-tokens must be > 0, got {self.budget_tokens}")
         if self.solver_data == "on-policy":
             if not 0.0 < self.on_policy_share <= 1.0:
                 raise ValueError(f"--on-policy-share must be in (0, 1], got "
@@ -361,6 +369,11 @@ class QualityConfig(DatasetOptions):
         if bad := sorted(i for i in out if not 0 <= i < len(SWEEP)):
             raise ValueError(f"--levers: no lever {bad}; SWEEP has 0-{len(SWEEP) - 1}")
         return out
+
+    @property
+    def tokens(self) -> int:
+        """`--budget-tokens`, its default when neither unit is given (unused with epochs)."""
+        return DEFAULT_TOKENS if self.budget_tokens is None else self.budget_tokens
 
     @property
     def positions(self) -> str:
@@ -593,7 +606,7 @@ def plan_steps(cfg: QualityConfig, problems: Sequence[Any], base: str) -> dict[s
                 share = passes * tokens
                 steps = math.ceil(round(passes * examples / cfg.batch_size, 6))
             else:
-                share = cfg.budget_tokens * (per_student if entry.per_student else tokens / total)
+                share = cfg.tokens * (per_student if entry.per_student else tokens / total)
                 steps = math.ceil(share / (cfg.batch_size * mean))
             steps = max(cfg.warmup_steps + 1, steps)
             plan[entry.key][role] = {
@@ -1069,7 +1082,7 @@ def run(cfg: QualityConfig) -> dict[str, Any]:
         plan = plan_steps(cfg, train_problems, base)
         unit = "method" if cfg.budget == "per-method" else "student"
         amount = (f"{cfg.budget_epochs} epochs" if cfg.budget_epochs is not None
-                  else f"{cfg.budget_tokens} tokens")  # fmt: skip
+                  else f"{cfg.tokens} tokens")  # fmt: skip
         say(f"students from {'scratch' if not cfg.base_model else base}; budget "
             f"{amount} per {unit} (pair: {cfg.budget})")
         t = time.perf_counter()

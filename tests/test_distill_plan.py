@@ -130,3 +130,5 @@ def test_an_epoch_budget_gives_every_student_the_same_passes(tmp_path: Path) -> 
     assert shared["iterative-split"]["decomposer+solver"]["steps"] == steps
     with pytest.raises(ValueError, match="--budget-epochs must be > 0"):
         QualityConfig(budget_epochs=0)
+    with pytest.raises(ValueError, match="one budget in two units"):
+        QualityConfig(budget_epochs=1.0, budget_tokens=1000)
