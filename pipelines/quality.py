@@ -598,7 +598,6 @@ def plan_steps(cfg: QualityConfig, problems: Sequence[Any], base: str) -> dict[s
         plan[entry.key] = {}
         for role in entry.roles:
             tokens, examples = epoch_tokens[role]
-            per_student = len(roles_of(role))  # students' worth of budget this run holds
             mean = tokens / examples
             if cfg.budget_epochs is not None:  # a shared student's examples are both roles'
                 students = sum(len(roles_of(r)) for r in entry.roles)
@@ -606,6 +605,7 @@ def plan_steps(cfg: QualityConfig, problems: Sequence[Any], base: str) -> dict[s
                 share = passes * tokens
                 steps = math.ceil(round(passes * examples / cfg.batch_size, 6))
             else:
+                per_student = len(roles_of(role))  # students' worth of budget this run holds
                 share = cfg.tokens * (per_student if entry.per_student else tokens / total)
                 steps = math.ceil(share / (cfg.batch_size * mean))
             steps = max(cfg.warmup_steps + 1, steps)
